@@ -135,8 +135,9 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: b
         width = state_dict["visual.conv1.weight"].shape[0]
         patch = state_dict["visual.conv1.weight"].shape[-1]
         grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        return CLIPConfig(image_size=patch * grid, vision_layers=_count_indices(state_dict, "visual.transformer.resblocks."),
-                          vision_width=width, vision_patch_size=patch, vision_heads=width // 64, **text)
+        layers = _count_indices(state_dict, "visual.transformer.resblocks.")
+        return CLIPConfig(image_size=patch * grid, vision_layers=layers, vision_width=width,
+                          vision_patch_size=patch, vision_heads=width // 64, **text)
     if "visual.attnpool.positional_embedding" in state_dict:
         layers = tuple(_count_indices(state_dict, f"visual.layer{b}.") for b in (1, 2, 3, 4))
         width = state_dict["visual.layer1.0.conv1.weight"].shape[0]

@@ -164,7 +164,7 @@ class VisionTransformer(nn.Module):
         return self.positional_embedding.shape[0]
 
     def embed(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Patches + CLS + positions, then optional ``prompts`` (``[P, width]`` or ``[B, P, width]``), then ``ln_pre``."""
+        """Patches + CLS + positions, then optional ``prompts`` (``[P, width]`` or ``[B, P, width]``), then ln_pre."""
         x = self.conv1(images.to(self.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -296,7 +296,7 @@ class ModifiedResNet(nn.Module):
 
     def embed(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         if prompts is not None:
-            raise ValueError("a ResNet image tower has no token sequence: visual prompt tokens need a ViT backbone")
+            raise ValueError("visual prompt tokens: this needs a ViT backbone (a ResNet tower has no token sequence)")
         x = images.to(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
