@@ -1,0 +1,229 @@
+"""The method interface: one file per method, a config dataclass, a ``PromptMethod`` subclass and a registration.
+
+A method owns its learnable tensors and its injection logic (through the backbone's hooks); the backbone is frozen
+and shared. The trainable state is whatever has ``requires_grad`` — never selected by name substrings — and an
+adapter file holds exactly those tensors.
+
+Batches are dicts: ``image`` ``[B, 3, H, W]``, ``label`` ``[B]`` (training), plus per-sample extras such as
+``caption``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clip.model import CLIP
+from ..config import from_dict, suggest
+from ..errors import ConfigError
+
+_REGISTRY: dict[str, type[PromptMethod]] = {}
+
+
+def register(cls: type[PromptMethod]) -> type[PromptMethod]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not getattr(cls, "name", None) or not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+        raise TypeError(f"{cls.__name__} needs a `name` and a dataclass `config_class`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    from . import builtin  # noqa: F401  (imports every method file, which registers it)
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[PromptMethod]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        available = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown method {name!r}{suggest(name, _REGISTRY)}; available: {available}")
+    return _REGISTRY[name]
+
+
+def create_method(name: str, backbone: CLIP, classnames: list[str], config: Mapping[str, Any] | Any = None,
+                  template: str | None = None) -> PromptMethod:
+    """Build method ``name`` on a frozen ``backbone`` for ``classnames``; ``config`` is a dict or the config object."""
+    cls = get_method_class(name)
+    if config is None or isinstance(config, Mapping):
+        config = from_dict(cls.config_class, config or {}, where=name)
+    elif not isinstance(config, cls.config_class):
+        raise ConfigError(f"method {name!r} takes a {cls.config_class.__name__}, got {type(config).__name__}")
+    return cls(backbone, config, classnames, template=template)
+
+
+class PromptMethod(nn.Module):
+    """Base class of all methods.
+
+    Subclasses set ``name`` and ``config_class``, build their tensors in ``__init__`` (after calling
+    ``super().__init__``) and finish it with ``self.set_classnames(classnames)``; they implement ``forward``.
+    They override ``loss`` when the objective is not plain cross-entropy, ``rebuild_class_buffers`` when they
+    hold class-dependent buffers, and ``encode_classes`` when their text features do not depend on the image
+    (then eval caches them).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = type(None)
+    #: False when a method needs visual prompt tokens (a ViT image tower).
+    supports_resnet: ClassVar[bool] = True
+    #: Text features independent of the image: eval computes them once per class set.
+    image_independent_text: ClassVar[bool] = False
+    #: Trainer class names of the reference implementations this method reproduces (parity goldens).
+    reference_trainers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: CLIP, config: Any, classnames: list[str], template: str | None = None):
+        super().__init__()
+        if not self.supports_resnet and not backbone.is_vit:
+            raise ConfigError(
+                f"method {self.name!r} inserts visual prompt tokens and needs a ViT backbone; "
+                "this backbone has a ResNet image tower (use a text-only method such as coop, cocoop or kgcoop)"
+            )
+        backbone.requires_grad_(False)
+        self.clip = backbone.eval()
+        self.config = config
+        self.template = template
+        self.classnames = [name.replace("_", " ") for name in classnames]
+        self._text_cache: torch.Tensor | None = None
+
+    # -- class names ---------------------------------------------------------------------------------------------
+
+    def set_classnames(self, classnames: list[str], template: str | None = None) -> None:
+        """Swap the class set (base → novel, cross-dataset) without touching learned tensors."""
+        if not classnames:
+            raise ConfigError("set_classnames needs at least one class name")
+        self.classnames = [name.replace("_", " ") for name in classnames]
+        if template is not None:
+            self.template = template
+        self._text_cache = None
+        with torch.no_grad():
+            self.rebuild_class_buffers()
+
+    def rebuild_class_buffers(self) -> None:
+        """Recompute class-dependent, non-learned buffers (tokenized prompts, frozen embeddings)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.token_embedding.weight.device
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_classes(self) -> torch.Tensor:
+        """Text features ``[C, D]`` of the current classes (image-independent methods only)."""
+        raise NotImplementedError(f"{self.name} has image-dependent text features")
+
+    def class_features(self) -> torch.Tensor:
+        """``encode_classes()``, cached while evaluating (no grad, eval mode)."""
+        if self.training or torch.is_grad_enabled():
+            self._text_cache = None
+            return self.encode_classes()
+        if self._text_cache is None:
+            self._text_cache = self.encode_classes()
+        return self._text_cache
+
+    def loss(self, batch: Mapping[str, Any], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training objective; ``loss`` is the total that is back-propagated, other keys are logged terms."""
+        return {"loss": F.cross_entropy(logits, batch["label"].to(logits.device))}
+
+    # -- training hooks ------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> PromptMethod:
+        super().train(mode)
+        self.clip.eval()  # the backbone is frozen: BatchNorm statistics of ResNet towers never update
+        self._text_cache = None
+        return self
+
+    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+        """Called by the trainer after each epoch (0-based ``epoch``), e.g. for prompt aggregation."""
+
+    def on_train_end(self) -> None:
+        """Called once after the last epoch, before the final adapter is saved."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Non-parameter tensors that a resumed run needs (not part of the adapter), e.g. running aggregates."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ConfigError(f"method {self.name!r} has no extra state, got {', '.join(state)}")
+
+    # -- adapter -------------------------------------------------------------------------------------------------
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The method's learnable tensors only (never a backbone tensor)."""
+        return {n: p.detach().clone() for n, p in self.named_trainable()}
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        params = dict(self.named_trainable())
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if strict and (missing or unexpected):
+            raise ConfigError(
+                f"adapter does not fit method {self.name!r}: "
+                f"missing {missing or 'none'}; unexpected {unexpected or 'none'}"
+            )
+        with torch.no_grad():
+            for n, value in state.items():
+                if n not in params:
+                    continue
+                if params[n].shape != value.shape:
+                    raise ConfigError(
+                        f"adapter tensor {n!r} has shape {tuple(value.shape)}, method expects {tuple(params[n].shape)}"
+                    )
+                params[n].copy_(value)
+        self._text_cache = None
+
+    # -- reference implementations -------------------------------------------------------------------------------
+
+    @classmethod
+    def config_from_reference(cls, trainer: Mapping[str, Any]) -> Any:
+        """Our config for a reference run's trainer options (``cfg.TRAINER.<NAME>`` of its Dassl config)."""
+        raise NotImplementedError(f"{cls.name} has no reference implementation")
+
+    def reference_name_map(self) -> dict[str, str]:
+        """Reference parameter name (as its ``named_parameters()`` spells it) → our parameter name."""
+        raise NotImplementedError(f"{self.name} has no reference implementation")
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for _, p in self.named_trainable())
+
+
+def reference_options(trainer: Mapping[str, Any], known: set[str], method: str) -> dict[str, Any]:
+    """The reference trainer options, rejecting keys this mapping does not know (so none is silently ignored).
+
+    ``PREC`` is always accepted: precision is our engine's policy, not a method option.
+    """
+    unknown = sorted(set(trainer) - known - {"PREC"})
+    if unknown:
+        raise ConfigError(f"{method}: reference option(s) {', '.join(unknown)} have no mapping in promptclip")
+    return dict(trainer)
+
+
+def cosine_logits(clip: CLIP, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """``logit_scale.exp() * cos`` for shared text features ``[C, D]`` or per-image ones ``[B, C, D]``."""
+    image_feats = image_feats / image_feats.norm(dim=-1, keepdim=True)
+    text_feats = text_feats / text_feats.norm(dim=-1, keepdim=True)
+    scale = clip.logit_scale.exp()
+    if text_feats.dim() == 3:
+        return scale * torch.einsum("bd,bcd->bc", image_feats, text_feats)
+    return scale * image_feats @ text_feats.t()

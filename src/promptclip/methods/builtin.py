@@ -1,0 +1,8 @@
+"""Imports every built-in method file so that each registers itself."""
+
+import importlib
+
+BUILTIN_METHOD_MODULES = ("zeroshot", "coop")
+
+for _module in BUILTIN_METHOD_MODULES:
+    importlib.import_module(f"{__package__}.{_module}")
