@@ -98,6 +98,11 @@ class PromptMethod(nn.Module):
 
     # -- class names ---------------------------------------------------------------------------------------------
 
+    @property
+    def batch_independent(self) -> bool:
+        """Whether an image's logits are independent of the other images in its batch (the contract's default)."""
+        return True
+
     def set_classnames(self, classnames: list[str], template: str | None = None) -> None:
         """Swap the class set (base → novel, cross-dataset) without touching learned tensors."""
         if not classnames:

@@ -1,0 +1,133 @@
+"""Adapter files and resumable training state.
+
+An adapter is two files side by side: ``<name>.safetensors`` with only the method's learnable tensors, and
+``<name>.json`` with the method, its config, the backbone (name and fingerprint), the class names, the template and
+the package version. Training state for resuming (``train_state.safetensors`` + ``train_state.json``) adds the
+optimizer's momentum buffers and the method's extra state; the JSON is written last and names the epoch, so a
+crash never leaves a half-written state that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import to_dict
+from .errors import ConfigError, PromptClipError
+
+ADAPTER_FORMAT = 1
+
+
+class AdapterError(PromptClipError):
+    """An adapter file is missing, corrupt, or made for another method or backbone."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(tensors, metadata)`` paths of an adapter given either file or the common stem."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def save_adapter(path: str | Path, method, backbone_name: str, backbone_fingerprint: str,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the method's learnable tensors and their metadata; returns the ``.safetensors`` path."""
+    tensors_path, meta_path = adapter_paths(path)
+    state = method.adapter_state()
+    atomic_save_tensors(state, tensors_path)
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "method": method.name,
+        "config": to_dict(method.config),
+        "backbone": {"name": backbone_name, "fingerprint": backbone_fingerprint},
+        "classnames": list(method.classnames),
+        "template": method.template,
+        "num_trainable": int(sum(t.numel() for t in state.values())),
+        "promptclip_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(dict(extra) if extra else {}),
+    }
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return tensors_path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tensors_path, meta_path = adapter_paths(path)
+    for p in (tensors_path, meta_path):
+        if not p.exists():
+            raise AdapterError(f"adapter file {p} does not exist (an adapter is a .safetensors + .json pair)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"adapter metadata {meta_path} is not valid JSON: {err}") from None
+    for key in ("method", "config", "backbone", "classnames"):
+        if key not in meta:
+            raise AdapterError(f"adapter metadata {meta_path} has no {key!r} entry")
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"adapter tensors {tensors_path} cannot be read (truncated or corrupt?): {err}") from None
+    return meta, tensors
+
+
+def load_adapter(path: str | Path, backbone, backbone_fingerprint: str | None = None,
+                 classnames: list[str] | None = None, template: str | None = None, expect_method: str | None = None):
+    """Rebuild a method from an adapter onto ``backbone``; ``classnames`` swaps in other classes.
+
+    With ``backbone_fingerprint`` the adapter must have been trained on that very backbone.
+    """
+    from .methods import create_method
+
+    meta, tensors = read_adapter(path)
+    if expect_method is not None and meta["method"] != expect_method:
+        raise AdapterError(f"adapter {path} was trained with method {meta['method']!r}, not {expect_method!r}")
+    saved = meta["backbone"]
+    if backbone_fingerprint is not None and saved.get("fingerprint") != backbone_fingerprint:
+        raise AdapterError(
+            f"adapter {path} was trained on backbone {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}); "
+            f"the loaded backbone has fingerprint {backbone_fingerprint}. Load the same backbone weights."
+        )
+    try:
+        method = create_method(meta["method"], backbone, meta["classnames"], meta["config"],
+                               template=meta.get("template"))
+        method.load_adapter_state(tensors, strict=True)
+        if classnames is not None:
+            method.set_classnames(classnames, template)
+    except ConfigError as err:
+        raise AdapterError(f"adapter {path}: {err}") from None
+    return method

@@ -1,0 +1,232 @@
+"""The training engine: Dassl's recipe (SGD, one constant warm-up epoch, then cosine stepped per epoch), autocast
+with fp32 master tensors, seeded data order, per-epoch resumable state, and a clear stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_save_tensors, atomic_write_text, save_adapter
+from .config import to_dict
+from .errors import PromptClipError
+from .evaluate import move_batch
+from .precision import autocast, resolve_precision
+
+TRAIN_STATE_JSON = "train_state.json"
+TRAIN_STATE_TENSORS = "train_state.safetensors"
+ADAPTER_STEM = "adapter"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    lr: float = 0.002
+    max_epoch: int = 10
+    warmup_epoch: int = 1
+    warmup_lr: float = 1e-5
+    warmup_type: Literal["constant"] = "constant"
+    lr_scheduler: Literal["cosine"] = "cosine"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Max gradient norm; None (default, as the reference) means no clipping.
+    grad_clip: float | None = None
+    seed: int = 1
+    num_workers: int = 0
+    #: Dassl drops the last incomplete training batch when the data has at least one full batch.
+    drop_last: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epoch < 0 or self.lr <= 0:
+            raise ValueError("warmup_epoch must be >= 0 and lr > 0")
+
+
+class TrainingDiverged(PromptClipError):
+    """The loss became NaN or infinite."""
+
+
+def dassl_lr(epoch: int, config: TrainConfig) -> float:
+    """Learning rate in effect during 0-based ``epoch``: Dassl's ConstantWarmupScheduler around
+    CosineAnnealingLR(T_max=max_epoch), stepped at the end of each epoch. The cosine restarts after warm-up."""
+    if epoch < config.warmup_epoch:
+        return config.warmup_lr
+    step = epoch - config.warmup_epoch
+    return 0.5 * config.lr * (1 + math.cos(math.pi * step / config.max_epoch))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of one epoch: a pure function of (seed, epoch), so a resumed run sees the same order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    adapter_path: Path | None = None
+    resumed_from_epoch: int | None = None
+
+
+def make_train_loader(data: Dataset, config: TrainConfig, epoch: int, collate_fn: Callable | None = None
+                      ) -> DataLoader:
+    if hasattr(data, "set_epoch"):
+        data.set_epoch(epoch)
+    drop_last = config.drop_last and len(data) >= config.batch_size
+    sampler = RandomSampler(data, generator=epoch_generator(config.seed, epoch))
+    return DataLoader(data, batch_size=config.batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=config.num_workers, collate_fn=collate_fn)
+
+
+def make_optimizer(method, config: TrainConfig) -> torch.optim.SGD:
+    params = [p for _, p in method.named_trainable()]
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           dampening=0, nesterov=False)
+
+
+def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
+        device: str | torch.device = "cpu", progress: bool = True, resume: bool = True,
+        collate_fn: Callable | None = None, backbone_name: str = "unknown", backbone_fingerprint: str = "unknown",
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Train ``method`` on ``train_data`` (a Dataset of batch dicts with ``image`` and ``label``).
+
+    With ``out_dir`` the state is saved after every epoch and a rerun resumes from the last finished epoch;
+    the final adapter is written to ``out_dir/adapter.safetensors`` (+ ``.json``).
+    """
+    device = torch.device(device)
+    method.to(device)
+    if method.num_trainable() == 0:
+        raise PromptClipError(f"method {method.name!r} has nothing to train; evaluate it directly")
+    optimizer = make_optimizer(method, config)
+    scaler = _grad_scaler(config.precision, device)
+    out = Path(out_dir) if out_dir is not None else None
+    result = FitResult()
+    start_epoch = 0
+    if out is not None and resume and (out / TRAIN_STATE_JSON).exists():
+        state = _load_train_state(out, method, optimizer, config)
+        result.history, result.resumed_from_epoch = state["history"], state["epoch"]
+        if state.get("finished"):
+            result.adapter_path = out / f"{ADAPTER_STEM}.safetensors"
+            return result
+        start_epoch = state["epoch"] + 1
+
+    for epoch in range(start_epoch, config.max_epoch):
+        record = _run_epoch(method, train_data, config, optimizer, scaler, epoch, device, progress, collate_fn)
+        method.on_epoch_end(epoch, config.max_epoch)
+        result.history.append(record)
+        if out is not None:
+            _save_train_state(out, method, optimizer, config, epoch, result.history, finished=False)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    method.on_train_end()
+    if out is not None:
+        result.adapter_path = save_adapter(out / ADAPTER_STEM, method, backbone_name, backbone_fingerprint,
+                                           extra={"train": to_dict(config), "history": result.history})
+        _save_train_state(out, method, optimizer, config, config.max_epoch - 1, result.history, finished=True)
+    return result
+
+
+def _grad_scaler(precision: str, device: torch.device):
+    if device.type == "cuda" and resolve_precision(precision, device) == "fp16":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def _run_epoch(method, data, config, optimizer, scaler, epoch, device, progress, collate_fn) -> dict[str, Any]:
+    lr = dassl_lr(epoch, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    method.train()
+    loader = make_train_loader(data, config, epoch, collate_fn)
+    totals: dict[str, float] = {}
+    correct = seen = steps = 0
+    started = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epoch}", disable=not progress, leave=False, unit="batch")
+    for step, batch in enumerate(bar):
+        batch = move_batch(batch, device)
+        with autocast(config.precision, device):
+            logits = method(batch)
+            losses = method.loss(batch, logits)
+        loss = losses["loss"].float()
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            raise TrainingDiverged(
+                f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({terms}); "
+                "the last finished epoch's state is kept. Try a lower learning rate or precision fp32."
+            )
+        _step(method, optimizer, scaler, loss, config.grad_clip)
+        steps += 1
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach())
+        correct += int((logits.argmax(dim=1) == batch["label"]).sum())
+        seen += len(batch["label"])
+        bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.2e}")
+    if steps == 0:
+        raise PromptClipError("the training data produced no batch (is the dataset empty?)")
+    record = {"epoch": epoch + 1, "lr": lr, "train_acc": 100 * correct / seen, "steps": steps,
+              "seconds": round(time.perf_counter() - started, 3)}
+    record.update({k: v / steps for k, v in totals.items()})
+    return record
+
+
+def _step(method, optimizer, scaler, loss, grad_clip) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for _, p in method.named_trainable()], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _save_train_state(out: Path, method, optimizer, config, epoch, history, finished: bool) -> None:
+    tensors = {f"param.{n}": p for n, p in method.named_trainable()}
+    names = {id(p): n for n, p in method.named_trainable()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"momentum.{names[id(p)]}"] = buf
+    tensors.update({f"extra.{k}": v for k, v in method.extra_state().items()})
+    atomic_save_tensors(tensors, out / TRAIN_STATE_TENSORS)
+    meta = {"method": method.name, "method_config": to_dict(method.config), "train": to_dict(config),
+            "epoch": epoch, "finished": finished, "history": history}
+    atomic_write_text(out / TRAIN_STATE_JSON, json.dumps(meta, indent=2) + "\n")
+
+
+def _load_train_state(out: Path, method, optimizer, config) -> Mapping[str, Any]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((out / TRAIN_STATE_JSON).read_text())
+    if meta["method"] != method.name or meta["method_config"] != to_dict(method.config) \
+            or meta["train"] != to_dict(config):
+        raise PromptClipError(
+            f"{out} holds a run of another method or configuration ({meta['method']}); "
+            "use another output directory or delete it to start over"
+        )
+    tensors = load_file(out / TRAIN_STATE_TENSORS)
+    params = dict(method.named_trainable())
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+            if f"momentum.{name}" in tensors:
+                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{name}"].to(p.device).clone()
+    method.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    return meta
