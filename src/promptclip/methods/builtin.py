@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_METHOD_MODULES = ("zeroshot", "coop")
+BUILTIN_METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop")
 
 for _module in BUILTIN_METHOD_MODULES:
     importlib.import_module(f"{__package__}.{_module}")
