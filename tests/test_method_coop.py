@@ -95,3 +95,25 @@ def test_coop_runs_on_a_resnet_backbone():
 def test_trainable_counts_of_official_vit_b16_configs(config, expected):
     backbone = CLIP(ARCHITECTURES["ViT-B/16"])
     assert create_method("coop", backbone, CLASSES, config).num_trainable() == expected
+
+
+def test_init_words_set_the_context_length_by_words_and_keep_extra_tokens_frozen(backbone):
+    # "a tortoiseshell" is 2 words but more BPE tokens: the reference learns 2 vectors (the leading token
+    # embeddings) and keeps the rest of the words' tokens as frozen prompt tokens.
+    from promptclip.clip.tokenizer import get_tokenizer
+
+    words = "a tortoiseshell"
+    ids = get_tokenizer().encode(words)
+    assert len(ids) > 2
+    method = create_method("coop", backbone, CLASSES, {"ctx_init": words})
+    assert method.ctx.shape[0] == 2
+    assert torch.equal(method.ctx, backbone.token_embedding.weight[ids[:2]])
+    row = method.prompt_embeddings()[0]
+    assert torch.equal(row[3 : 1 + len(ids)], backbone.token_embedding.weight[ids[2:]])
+
+
+def test_csc_is_ignored_with_init_words_as_in_the_reference(backbone):
+    method = create_method("coop", backbone, CLASSES, {"ctx_init": "a photo of a", "csc": True})
+    assert method.ctx.shape == (4, backbone.text.width)
+    method.set_classnames(["river", "pasture"])
+    assert method.num_classes == 2

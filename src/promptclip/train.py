@@ -107,6 +107,7 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
     method.to(device)
     if method.num_trainable() == 0:
         raise PromptClipError(f"method {method.name!r} has nothing to train; evaluate it directly")
+    method.on_train_start(config.max_epoch)
     optimizer = make_optimizer(method, config)
     scaler = _grad_scaler(config.precision, device)
     out = Path(out_dir) if out_dir is not None else None

@@ -155,6 +155,9 @@ class PromptMethod(nn.Module):
         self._text_cache = None
         return self
 
+    def on_train_start(self, max_epoch: int) -> None:
+        """Called by the trainer before the first epoch: reject settings that cannot work for this run length."""
+
     def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
         """Called by the trainer after each epoch (0-based ``epoch``), e.g. for prompt aggregation."""
 

@@ -30,10 +30,10 @@ from .base import PromptMethod, cosine_logits, reference_options, register
 from .prompts import (
     build_class_prompts,
     encode_text_embeddings,
-    init_words_embedding,
     normal_init,
     placeholder_prefix,
     prompt_texts,
+    words_context,
 )
 
 
@@ -48,13 +48,6 @@ class CoCoOpConfig:
     init_seed: int = 0
     #: Prompt sequences (images x classes) per text-tower pass; None: all B x C in one pass.
     text_chunk_size: int | None = None
-
-
-def words_context(clip, words: str) -> tuple[torch.Tensor, str]:
-    """The reference's init from words: as many vectors as words, taken from the leading token embeddings."""
-    words = words.strip().replace("_", " ")
-    n_words = len(words.split())
-    return init_words_embedding(clip, words)[:n_words], words
 
 
 def _uniform_linear(linear: nn.Linear, generator: torch.Generator) -> None:

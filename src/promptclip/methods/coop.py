@@ -1,7 +1,7 @@
 """CoOp (Zhou et al., IJCV 2022): learned context vectors in the text prompt, ``[SOS][ctx][class][.][EOS]``.
 
 Prompt construction follows the reference (KaiyangZhou/CoOp ``trainers/coop.py``): with ``ctx_init`` the context
-length is the number of init tokens and the vectors are their word embeddings; without it, ``n_ctx`` vectors drawn
+length is the number of init words and the vectors are the leading token embeddings; without it, ``n_ctx`` vectors drawn
 from N(0, 0.02) behind the placeholder words "X X ... X". The class name goes at the end, in the middle (context
 split at ``n_ctx // 2``) or at the front.
 """
@@ -19,17 +19,18 @@ from .base import PromptMethod, cosine_logits, reference_options, register
 from .prompts import (
     build_class_prompts,
     encode_text_embeddings,
-    init_words_embedding,
     normal_init,
     placeholder_prefix,
     prompt_texts,
+    words_context,
 )
 
 
 @dataclass
 class CoOpConfig:
     n_ctx: int = 16
-    #: Init words, e.g. "a photo of a"; overrides ``n_ctx`` with their token count.
+    #: Init words, e.g. "a photo of a"; overrides ``n_ctx`` with their word count (and ignores ``csc``, as the
+    #: reference does).
     ctx_init: str = ""
     class_token_position: Literal["end", "middle", "front"] = "end"
     #: Class-specific context (one set of vectors per class); cannot be moved to other class names.
@@ -45,8 +46,7 @@ def context_vectors(clip, n_ctx: int, ctx_init: str, csc: bool, num_classes: int
                     seed: int) -> tuple[torch.Tensor, str]:
     """Initial context ``[n, W]`` (``[C, n, W]`` for CSC) and the prompt prefix string that stands for it."""
     if ctx_init.strip():
-        vectors = init_words_embedding(clip, ctx_init.strip().replace("_", " "))
-        return vectors, ctx_init.strip().replace("_", " ")
+        return words_context(clip, ctx_init)
     if n_ctx < 1:
         raise ConfigError(f"n_ctx must be at least 1, got {n_ctx}")
     width = clip.text.width
@@ -92,7 +92,7 @@ class CoOp(PromptMethod):
         return self.ctx.shape[-2]
 
     def set_classnames(self, classnames, template=None) -> None:
-        if self.config.csc and len(classnames) != self.ctx.shape[0]:
+        if self.ctx.dim() == 3 and len(classnames) != self.ctx.shape[0]:
             raise ConfigError(
                 f"coop with class-specific context (csc) learned {self.ctx.shape[0]} classes and cannot be used "
                 f"with {len(classnames)} other class names"

@@ -54,6 +54,13 @@ def init_words_embedding(clip: CLIP, words: str) -> torch.Tensor:
         return clip.token_embedding.weight[ids].detach().clone()
 
 
+def words_context(clip: CLIP, words: str) -> tuple[torch.Tensor, str]:
+    """The reference's context init from words (CoOp, CoCoOp): as many vectors as *words*, taken from the leading
+    token embeddings; the prompt string keeps every word, so BPE tokens beyond them stay frozen prompt tokens."""
+    words = words.strip().replace("_", " ")
+    return init_words_embedding(clip, words)[: len(words.split())], words
+
+
 def normal_init(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
 

@@ -201,6 +201,10 @@ class PromptSRC(IVLP):
         """This config's checked GPA weights for a run of ``max_epoch`` epochs (call before training to fail early)."""
         return check_gpa(self.config.gpa_mean, self.config.gpa_std, max_epoch)
 
+    def on_train_start(self, max_epoch: int) -> None:
+        if self.config.gpa:
+            self.gpa_weights(max_epoch)
+
     def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
         if not self.config.gpa:
             return
