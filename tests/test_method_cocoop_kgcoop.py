@@ -4,7 +4,6 @@ term, reference-option mapping, parameter counts of the official ViT-B/16 config
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,9 @@ from promptclip.clip.tokenizer import get_tokenizer, tokenize
 from promptclip.config import from_dict
 from promptclip.errors import ConfigError
 from promptclip.methods import create_method, get_method_class
+from promptclip.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = PRESETS_DIR
 CLASSES = ["golden retriever", "tabby_cat", "sea or lake"]
 
 

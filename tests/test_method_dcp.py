@@ -3,7 +3,6 @@ paper mode's bidirectional exchange and batch independence, parameter counts, pr
 
 Logits, loss and every gradient of reference mode are checked by tests/test_parity.py."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,9 @@ from promptclip.config import from_dict
 from promptclip.errors import ConfigError
 from promptclip.methods import create_method, get_method_class
 from promptclip.methods.dcp import DCPConfig
+from promptclip.presets import PRESETS_DIR
 
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "dcp"
+PRESETS = PRESETS_DIR / "dcp"
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from promptclip.errors import ConfigError
 from promptclip.methods import create_method, get_method_class
 from promptclip.methods.prompts import prompt_texts
 from promptclip.methods.promptsrc import check_gpa, gpa_weights, promptsrc_templates
+from promptclip.presets import PRESETS_DIR
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = PRESETS_DIR
 GOLDEN = Path(__file__).parent / "golden"
 CLASSES = ["annual crop land", "forest", "sea_or_lake"]
 DEEP_METHODS = ["vpt", "ivlp", "maple", "promptsrc"]

@@ -1,0 +1,188 @@
+"""YAML presets with the papers' hyper-parameters, the default preset of each protocol × method, and strict
+``key=value`` overrides.
+
+A preset (``src/promptclip/presets/<method>/<name>.yaml``, shipped inside the package so that a ``pip install``
+has them) holds ``method``, ``backbone``, ``method_config`` (the method's config dataclass fields), ``train``
+(:class:`promptclip.train.TrainConfig` fields; absent for zero-shot), optional ``eval`` (``batch_size``) and
+``source`` (where the numbers come from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import from_dict, suggest, to_dict
+from .errors import ConfigError
+from .train import TrainConfig
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESET_KEYS = ("method", "backbone", "method_config", "train", "eval", "source")
+
+
+@dataclass
+class EvalConfig:
+    #: Dassl's test batch (100); CMPA's reference mode is defined with 16.
+    batch_size: int = 100
+
+
+@dataclass
+class Preset:
+    name: str
+    method: str
+    backbone: str = "ViT-B/16"
+    method_config: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "method": self.method, "backbone": self.backbone,
+            "method_config": dict(self.method_config),
+            "train": to_dict(self.train) if self.train is not None else None,
+            "eval": to_dict(self.eval), "source": self.source,
+        }
+
+
+def list_presets() -> list[str]:
+    return sorted(f"{p.parent.name}/{p.stem}" for p in PRESETS_DIR.glob("*/*.yaml"))
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """A preset by name (``maple/vit_b16_c2_ep5_batch4_2ctx``) or by the path of a YAML file."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            names = list_presets()
+            raise ConfigError(f"unknown preset {str(name_or_path)!r}{suggest(str(name_or_path), names)}; "
+                              f"see `promptclip list presets` ({len(names)} presets)")
+        name = str(name_or_path)
+    else:
+        name = str(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"preset {path} is not valid YAML: {err}") from None
+    return preset_from_dict(name, data, source_file=str(path))
+
+
+def preset_from_dict(name: str, data: dict[str, Any], source_file: str = "") -> Preset:
+    where = source_file or name
+    unknown = [k for k in data if k not in PRESET_KEYS]
+    if unknown:
+        raise ConfigError(f"preset {where}: unknown key {unknown[0]!r}{suggest(unknown[0], PRESET_KEYS)}; "
+                          f"valid keys: {', '.join(PRESET_KEYS)}")
+    if "method" not in data:
+        raise ConfigError(f"preset {where}: no 'method' key")
+    preset = Preset(
+        name=name,
+        method=data["method"],
+        backbone=data.get("backbone", "ViT-B/16"),
+        method_config=dict(data.get("method_config") or {}),
+        train=from_dict(TrainConfig, data["train"], "train") if data.get("train") is not None else None,
+        eval=from_dict(EvalConfig, data.get("eval") or {}, "eval"),
+        source=data.get("source", ""),
+    )
+    validate_method_config(preset)
+    return preset
+
+
+def validate_method_config(preset: Preset) -> None:
+    from .methods import get_method_class
+
+    cls = get_method_class(preset.method)
+    from_dict(cls.config_class, preset.method_config, where="method_config")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.max_epoch=2)")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
+    """``train.max_epoch=2``, ``method_config.depth=3``, ``eval.batch_size=16``, ``backbone=ViT-B/32``: each key is
+    checked against the config it belongs to, so a misspelt key is an error that suggests the right one."""
+    data = preset.to_dict()
+    data.pop("name")
+    if data["train"] is None:
+        data.pop("train")
+    for text in overrides:
+        path, value = parse_override(text)
+        top = path[0]
+        if top not in PRESET_KEYS or top == "source":
+            valid = [k for k in PRESET_KEYS if k != "source"]
+            raise ConfigError(f"cannot override {'.'.join(path)!r}: unknown section {top!r}{suggest(top, valid)}; "
+                              f"use one of {', '.join(valid)}")
+        if len(path) == 1:
+            if isinstance(data.get(top), dict):
+                raise ConfigError(f"override {text!r}: {top} is a section, name one of its keys ({top}.KEY=VALUE)")
+            data[top] = value
+            continue
+        if len(path) != 2:
+            raise ConfigError(f"override {text!r}: keys are at most two levels deep (section.key=value)")
+        if top == "train" and "train" not in data:
+            raise ConfigError(f"override {text!r}: method {preset.method!r} has no training")
+        section = dict(data.get(top) or {})
+        section[path[1]] = value
+        data[top] = section
+    return preset_from_dict(preset.name + (" + overrides" if overrides else ""), data)
+
+
+def with_train_changes(preset: Preset, **changes: Any) -> Preset:
+    if preset.train is None:
+        return preset
+    return dataclasses.replace(preset, train=dataclasses.replace(preset.train, **changes))
+
+
+#: Datasets whose PromptSRC few-shot runs use GPA mu=30 sigma=30 (SPEC 2.4); the others use mu=45 sigma=5.
+_PROMPTSRC_GPA30 = {"imagenet", "caltech101", "oxford_pets", "food101", "ucf101", "sun397"}
+
+_BASE_PRESETS = {
+    "zeroshot": "zeroshot/single_template",
+    "coop": "coop/vit_b16_ctxv1",
+    "cocoop": "cocoop/vit_b16_c4_ep10_batch1_ctxv1",
+    "kgcoop": "kgcoop/vit_b16_ep100_ctxv1",
+    "maple": "maple/vit_b16_c2_ep5_batch4_2ctx",
+    "ivlp": "ivlp/vit_b16_c2_ep5_batch4_2+2ctx",
+    "vpt": "vpt/vit_b16_c2_ep5_batch4_4",
+    "promptsrc": "promptsrc/vit_b16_c2_ep20_batch4_4+4ctx",
+    "dcp": "dcp/vit_b16_c2_ep20_batch4_16ctx",
+}
+
+
+def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 16) -> str:
+    """The official preset of ``method`` for a protocol (SPEC 2.4); ``dataset`` and ``shots`` pick per-dataset and
+    per-shot variants (CoOp's epochs by shots, ImageNet's 50-epoch CoOp, PromptSRC's few-shot GPA)."""
+    from .methods import get_method_class
+
+    get_method_class(method)
+    imagenet = dataset == "imagenet"
+    if method == "coop" and protocol == "fewshot":
+        if imagenet or shots <= 1:
+            return "coop/vit_b16_ep50"
+        return "coop/vit_b16_ep100" if shots <= 4 else "coop/vit_b16"
+    if method == "coop" and imagenet:
+        return "coop/vit_b16_ep50_ctxv1"
+    if method == "promptsrc" and protocol == "fewshot":
+        gpa = "gpa30_30" if dataset in _PROMPTSRC_GPA30 else "gpa45_5"
+        return f"promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_{gpa}"
+    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc"):
+        return _BASE_PRESETS[method] + "_cross_datasets"
+    if method not in _BASE_PRESETS:
+        candidates = [p for p in list_presets() if p.startswith(f"{method}/")]
+        if not candidates:
+            raise ConfigError(f"method {method!r} has no preset; pass --preset or a YAML file")
+        return candidates[0]
+    return _BASE_PRESETS[method]
