@@ -294,9 +294,12 @@ def test_invalid_configs_are_rejected(tiny, config, message):
 
 
 def test_depth_is_bounded_by_the_towers(tiny):
-    with pytest.raises(ConfigError, match="at most 2"):
-        create_method("dcp", tiny, ["cat"], {"depth": 3})
-    assert create_method("dcp", tiny, ["cat"], {"depth": 2}).cmpa_layers == (1,)  # every block after the first
+    layers = tiny.config.vision_layers
+    with pytest.raises(ConfigError, match=f"at most {layers}"):
+        create_method("dcp", tiny, ["cat"], {"depth": layers + 1})
+    # the reference's counter: before blocks 1..depth, capped at the last block
+    assert create_method("dcp", tiny, ["cat"], {"depth": 2}).cmpa_layers == (1, 2)
+    assert create_method("dcp", tiny, ["cat"], {"depth": layers}).cmpa_layers == tuple(range(1, layers))
     with pytest.raises(ConfigError, match="fewer than n_ctx"):
         create_method("dcp", tiny, ["cat"], {"depth": 1, "n_ctx": 4, "ctx_init": "a photo"})
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save_tensors, atomic_write_text, save_adapter
@@ -66,11 +66,6 @@ def dassl_lr(epoch: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * step / config.max_epoch))
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The shuffling generator of one epoch: a pure function of (seed, epoch), so a resumed run sees the same order."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
 @dataclass
 class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -78,14 +73,13 @@ class FitResult:
     resumed_from_epoch: int | None = None
 
 
-def make_train_loader(data: Dataset, config: TrainConfig, epoch: int, collate_fn: Callable | None = None
-                      ) -> DataLoader:
-    if hasattr(data, "set_epoch"):
-        data.set_epoch(epoch)
+def make_train_loader(data: Dataset, config: TrainConfig):
+    """Shuffled batches whose order depends only on (seed, epoch): a resumed run sees the same order."""
+    from .data.loader import make_loader
+
     drop_last = config.drop_last and len(data) >= config.batch_size
-    sampler = RandomSampler(data, generator=epoch_generator(config.seed, epoch))
-    return DataLoader(data, batch_size=config.batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=config.num_workers, collate_fn=collate_fn)
+    return make_loader(data, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
+                       drop_last=drop_last)
 
 
 def make_optimizer(method, config: TrainConfig) -> torch.optim.SGD:
@@ -96,7 +90,7 @@ def make_optimizer(method, config: TrainConfig) -> torch.optim.SGD:
 
 def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
         device: str | torch.device = "cpu", progress: bool = True, resume: bool = True,
-        collate_fn: Callable | None = None, backbone_name: str = "unknown", backbone_fingerprint: str = "unknown",
+        backbone_name: str = "unknown", backbone_fingerprint: str = "unknown",
         on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """Train ``method`` on ``train_data`` (a Dataset of batch dicts with ``image`` and ``label``).
 
@@ -121,8 +115,10 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
             return result
         start_epoch = state["epoch"] + 1
 
+    loader = make_train_loader(train_data, config)
     for epoch in range(start_epoch, config.max_epoch):
-        record = _run_epoch(method, train_data, config, optimizer, scaler, epoch, device, progress, collate_fn)
+        loader.set_epoch(epoch)
+        record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress)
         method.on_epoch_end(epoch, config.max_epoch)
         result.history.append(record)
         if out is not None:
@@ -144,12 +140,11 @@ def _grad_scaler(precision: str, device: torch.device):
     return None
 
 
-def _run_epoch(method, data, config, optimizer, scaler, epoch, device, progress, collate_fn) -> dict[str, Any]:
+def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress) -> dict[str, Any]:
     lr = dassl_lr(epoch, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
     method.train()
-    loader = make_train_loader(data, config, epoch, collate_fn)
     totals: dict[str, float] = {}
     correct = seen = steps = 0
     started = time.perf_counter()

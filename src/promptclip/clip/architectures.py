@@ -38,10 +38,11 @@ ARCHITECTURES: dict[str, CLIPConfig] = {
     "ViT-L/14": _vit(768, 224, 24, 1024, 14, 768),
     "ViT-L/14@336px": _vit(768, 336, 24, 1024, 14, 768),
     # Test backbones (random weights only). Widths are multiples of 64 so that heads = width // 64, OpenAI's rule,
-    # and a saved tiny model infers back to the same architecture.
-    "tiny": CLIPConfig(embed_dim=64, image_size=224, vision_layers=2, vision_width=128, vision_patch_size=32,
+    # and a saved tiny model infers back to the same architecture. 12 layers per tower, as ViT-B, so that every
+    # official preset (prompt depths up to 12) runs on it unchanged.
+    "tiny": CLIPConfig(embed_dim=64, image_size=224, vision_layers=12, vision_width=128, vision_patch_size=32,
                        vision_heads=2, context_length=77, vocab_size=49408, text_width=128, text_heads=2,
-                       text_layers=2),
+                       text_layers=12),
     "tiny-rn": CLIPConfig(embed_dim=64, image_size=64, vision_layers=(1, 1, 1, 1), vision_width=16,
                           vision_patch_size=None, vision_heads=8, context_length=77, vocab_size=49408,
                           text_width=128, text_heads=2, text_layers=2),

@@ -1,0 +1,327 @@
+"""The evaluation protocols as functions that return result records (JSONL).
+
+- ``base2novel``: few-shot sample of all classes, keep the base half, train, evaluate the last epoch on the base
+  test set and, with the same adapter and the novel class names, on the novel test set (CoCoOp protocol).
+- ``fewshot``: K shots of every class, evaluate on the full test set.
+- ``cross_dataset``: train on a source (ImageNet in the papers), evaluate on each target with its own class names
+  and template.
+- ``domain_generalization``: the ImageNet model on ImageNet-V2/-Sketch/-A/-R (A and R over their 200 classes).
+
+A grid is a list of cells (protocol × dataset × method × seed × shots). Each cell has a run directory keyed by
+protocol/dataset/method/config-hash/seed; a cell whose ``records.json`` exists is skipped, an interrupted cell
+resumes from its last finished epoch, and records are appended to ``records.jsonl`` under a file lock, repairing a
+torn last line first, so a crash never leaves a half-written record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_write_text, load_adapter
+from .config import to_dict
+from .errors import ConfigError
+from .evaluate import EvalResult, evaluate
+from .presets import Preset, apply_overrides, default_preset, load_preset
+from .train import ADAPTER_STEM, TrainConfig, fit
+
+PROTOCOLS = ("base2novel", "fewshot", "cross_dataset", "domain_generalization")
+CROSS_DATASET_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+                         "sun397", "dtd", "eurosat", "ucf101")
+DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+RECORDS_FILE = "records.jsonl"
+
+
+@dataclass
+class Backbone:
+    """The frozen backbone shared by every cell of a grid, and how it is identified in records and adapters."""
+
+    model: Any
+    name: str
+    fingerprint: str
+    random_weights: bool = False
+
+
+@dataclass
+class Cell:
+    protocol: str
+    dataset: str
+    preset: Preset
+    seed: int
+    shots: int
+    targets: tuple[str, ...] = ()
+
+    @property
+    def method(self) -> str:
+        return self.preset.method
+
+    def config_hash(self, backbone: Backbone) -> str:
+        identity = {
+            "protocol": self.protocol, "dataset": self.dataset, "shots": self.shots, "targets": list(self.targets),
+            "method": self.preset.method, "method_config": self.preset.method_config,
+            "train": to_dict(self.preset.train) if self.preset.train else None, "eval": to_dict(self.preset.eval),
+            "backbone": backbone.name, "fingerprint": backbone.fingerprint,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+    def run_dir(self, out: Path, backbone: Backbone) -> Path:
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", method_label(self.preset))
+        return (out / "runs" / self.protocol / self.dataset / label / self.config_hash(backbone)
+                / f"seed{self.seed}_shots{self.shots}")
+
+
+@dataclass
+class RunOptions:
+    root: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+    #: Per-sample extras for the data loader (e.g. MuGCP captions), given the records of a split.
+    extras: Callable[[list], dict[str, Any]] | None = None
+    log: Callable[[str], None] = print
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+
+
+@dataclass
+class GridResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    ran: int = 0
+    skipped: int = 0
+
+
+def method_label(preset: Preset) -> str:
+    mode = preset.method_config.get("mode")
+    return f"{preset.method} ({mode})" if mode else preset.method
+
+
+def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: list[int], shots: list[int],
+               presets: dict[str, str] | None = None, overrides: list[str] | None = None,
+               targets: list[str] | None = None) -> list[Cell]:
+    """The grid: every dataset × method × shots × seed, each method with its official preset for the protocol
+    (or ``presets[method]``), plus ``overrides``."""
+    if protocol not in PROTOCOLS:
+        from .config import suggest
+
+        raise ConfigError(f"unknown protocol {protocol!r}{suggest(protocol, PROTOCOLS)}; choose one of "
+                          f"{', '.join(PROTOCOLS)}")
+    if protocol in ("base2novel", "cross_dataset", "domain_generalization") and not shots:
+        shots = [16]
+    if protocol == "domain_generalization":
+        default_targets = DG_TARGETS
+    elif protocol == "cross_dataset":
+        default_targets = CROSS_DATASET_TARGETS
+    else:
+        default_targets = ()
+    cells = []
+    for dataset in datasets:
+        for method in methods:
+            for k in shots:
+                name = (presets or {}).get(method) or default_preset(protocol, method, dataset, k)
+                preset = apply_overrides(load_preset(name), overrides or [])
+                if preset.method != method:
+                    raise ConfigError(f"preset {name!r} is for method {preset.method!r}, not {method!r}")
+                for seed in seeds:
+                    chosen = tuple(t for t in (targets or default_targets) if t != dataset)
+                    cells.append(Cell(protocol, dataset, preset, seed, k, chosen))
+    return cells
+
+
+# -- records ------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append whole lines under an exclusive lock; a torn last line left by a crash is cut off first."""
+    with _locked(path) as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size:
+            handle.seek(max(0, size - 65536))
+            tail = handle.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def recorded_run_ids(path: Path) -> set[str]:
+    ids = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                ids.add(json.loads(line)["run_id"])
+    return ids
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+
+
+def run_grid(cells: list[Cell], backbone: Backbone, out: str | Path, options: RunOptions | None = None
+             ) -> GridResult:
+    """Run every cell not yet finished; returns all records of the grid (old and new)."""
+    options = options or RunOptions()
+    out = Path(out)
+    result = GridResult()
+    for i, cell in enumerate(cells, 1):
+        run_dir = cell.run_dir(out, backbone)
+        done = run_dir / "records.json"
+        tag = f"[{i}/{len(cells)}] {cell.protocol} {cell.dataset} {method_label(cell.preset)} seed {cell.seed}" \
+              f" shots {cell.shots}"
+        if done.exists():
+            records = json.loads(done.read_text())
+            _ensure_recorded(out / RECORDS_FILE, records)
+            result.skipped += 1
+            options.log(f"{tag}: done, skipped")
+        else:
+            options.log(f"{tag}: running in {run_dir}")
+            records = run_cell(cell, backbone, run_dir, options)
+            atomic_write_text(done, json.dumps(records, indent=2) + "\n")
+            _ensure_recorded(out / RECORDS_FILE, records)
+            result.ran += 1
+        result.records.extend(records)
+    return result
+
+
+def _ensure_recorded(path: Path, records: list[dict[str, Any]]) -> None:
+    if records and records[0]["run_id"] not in recorded_run_ids(path):
+        append_records(path, records)
+
+
+def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions) -> list[dict[str, Any]]:
+    from .data import protocol_splits
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
+    started = time.perf_counter()
+    subsample = "base" if cell.protocol == "base2novel" else "all"
+    train_splits = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed,
+                                   subsample=subsample)
+    method = _build_method(cell, backbone, train_splits)
+    if cell.preset.train is not None:
+        data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options)
+        fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
+            backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch)
+    evaluations: list[tuple[str, str, EvalResult]] = []
+    name = train_splits.name
+    if cell.protocol == "base2novel":
+        evaluations.append((name, "base", _evaluate(method, train_splits, backbone, cell, options)))
+        novel = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed, subsample="new")
+        method.set_classnames(novel.classnames, novel.template)
+        evaluations.append((name, "novel", _evaluate(method, novel, backbone, cell, options)))
+    else:
+        evaluations.append((name, "all", _evaluate(method, train_splits, backbone, cell, options)))
+        for target in cell.targets:
+            from .data import load_splits
+
+            splits = load_splits(target, options.root)
+            method.set_classnames(splits.classnames, splits.template)
+            evaluations.append((splits.name, "all", _evaluate(method, splits, backbone, cell, options)))
+    seconds = round(time.perf_counter() - started, 2)
+    return [_record(cell, backbone, run_dir, name, eval_name, split, result, seconds)
+            for eval_name, split, result in evaluations]
+
+
+def _build_method(cell: Cell, backbone: Backbone, splits):
+    from .methods import create_method
+
+    return create_method(cell.preset.method, backbone.model, splits.classnames, cell.preset.method_config,
+                         template=splits.template)
+
+
+def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOptions):
+    from .clip.transforms import EvalTransform, TrainTransform
+    from .data import ImageDataset
+
+    size = backbone.model.visual.input_resolution
+    transform = TrainTransform(size) if train else EvalTransform(size)
+    extras = options.extras(records) if options.extras is not None else None
+    return ImageDataset(records, transform, seed=seed, extras=extras)
+
+
+def _evaluate(method, splits, backbone: Backbone, cell: Cell, options: RunOptions) -> EvalResult:
+    from .data import make_loader
+
+    data = _dataset(splits.test, backbone, train=False, seed=cell.seed, options=options)
+    loader = make_loader(data, batch_size=cell.preset.eval.batch_size, shuffle=False, seed=cell.seed)
+    precision = cell.preset.train.precision if cell.preset.train else "auto"
+    return evaluate(method, loader, device=options.device, precision=precision, progress=options.progress,
+                    desc=f"eval {splits.name}")
+
+
+def _record(cell: Cell, backbone: Backbone, run_dir: Path, dataset: str, eval_dataset: str, split: str,
+            result: EvalResult, seconds: float) -> dict[str, Any]:
+    config_hash = cell.config_hash(backbone)
+    run_id = f"{cell.protocol}/{cell.dataset}/{cell.preset.method}/{config_hash}/seed{cell.seed}/shots{cell.shots}"
+    return {
+        "run_id": run_id,
+        "protocol": cell.protocol, "method": cell.preset.method, "method_label": method_label(cell.preset),
+        "dataset": dataset, "eval_dataset": eval_dataset, "split": split, "seed": cell.seed, "shots": cell.shots,
+        "accuracy": round(result.accuracy, 4), "macro_f1": round(result.macro_f1, 4),
+        "num_samples": result.num_samples, "backbone": backbone.name, "random_weights": backbone.random_weights,
+        "config_hash": config_hash, "run_dir": str(run_dir), "seconds": seconds,
+        "precision": cell.preset.train.precision if cell.preset.train else "auto",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _resolved_config(cell: Cell, backbone: Backbone) -> dict[str, Any]:
+    return {"protocol": cell.protocol, "dataset": cell.dataset, "seed": cell.seed, "shots": cell.shots,
+            "targets": list(cell.targets), "preset": cell.preset.to_dict(),
+            "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint,
+                         "random_weights": backbone.random_weights}}
+
+
+def run_protocol(protocol: str, datasets: list[str], methods: list[str], backbone: Backbone, out: str | Path,
+                 seeds: list[int] = (1, 2, 3), shots: list[int] | None = None, presets: dict[str, str] | None = None,
+                 overrides: list[str] | None = None, targets: list[str] | None = None,
+                 options: RunOptions | None = None) -> GridResult:
+    """Build the grid of ``protocol`` and run it (finished cells are skipped)."""
+    if shots is None:
+        shots = [1, 2, 4, 8, 16] if protocol == "fewshot" else [16]
+    cells = make_cells(protocol, list(datasets), list(methods), list(seeds), list(shots), presets, overrides,
+                       targets)
+    return run_grid(cells, backbone, out, options)
+
+
+def load_trained(adapter: str | Path, backbone: Backbone, classnames: list[str] | None = None,
+                 template: str | None = None):
+    """A trained method from a run directory or adapter path, optionally on other class names."""
+    path = Path(adapter)
+    if path.is_dir():
+        path = path / f"{ADAPTER_STEM}.safetensors"
+    return load_adapter(path, backbone.model, backbone_fingerprint=backbone.fingerprint, classnames=classnames,
+                        template=template)
+
+
+def device_of(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {name!r}: {err}") from None
+
+
+__all__ = ["PROTOCOLS", "Backbone", "Cell", "RunOptions", "GridResult", "TrainConfig", "make_cells", "run_grid",
+           "run_cell", "run_protocol", "append_records", "load_trained"]
