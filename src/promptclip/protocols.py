@@ -31,7 +31,7 @@ import torch
 
 from .checkpoint import atomic_write_text, load_adapter
 from .config import to_dict
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
 from .presets import Preset, apply_overrides, default_preset, load_preset
 from .train import ADAPTER_STEM, TrainConfig, fit
@@ -86,6 +86,8 @@ class RunOptions:
     root: str | None = None
     device: str = "cpu"
     progress: bool = True
+    #: Autocast precision for evaluation (None: the preset's training precision, or auto).
+    precision: str | None = None
     #: Per-sample extras for the data loader (e.g. MuGCP captions), given the records of a split.
     extras: Callable[[list], dict[str, Any]] | None = None
     log: Callable[[str], None] = print
@@ -122,18 +124,38 @@ def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: li
         default_targets = CROSS_DATASET_TARGETS
     else:
         default_targets = ()
+    for name in [*datasets, *(targets or [])]:
+        check_dataset_name(name)
     cells = []
     for dataset in datasets:
         for method in methods:
             for k in shots:
                 name = (presets or {}).get(method) or default_preset(protocol, method, dataset, k)
-                preset = apply_overrides(load_preset(name), overrides or [])
+                preset = load_preset(name)
+                # A grid mixes methods with and without training (zero-shot): train.* overrides apply where
+                # there is training.
+                applicable = [o for o in overrides or [] if preset.train is not None or not o.startswith("train.")]
+                preset = apply_overrides(preset, applicable)
                 if preset.method != method:
                     raise ConfigError(f"preset {name!r} is for method {preset.method!r}, not {method!r}")
                 for seed in seeds:
                     chosen = tuple(t for t in (targets or default_targets) if t != dataset)
                     cells.append(Cell(protocol, dataset, preset, seed, k, chosen))
     return cells
+
+
+def check_dataset_name(name: str) -> None:
+    """Fail before any work on a dataset name that is neither known nor an existing custom dataset path."""
+    from .data import get_spec
+
+    if name.startswith(("folder:", "csv:")):
+        path = Path(name.split(":", 1)[1]).expanduser()
+        if not path.exists():
+            raise DataError(f"custom dataset {name!r}: {path} does not exist")
+        return
+    if Path(name).expanduser().exists() and ("/" in name or name.endswith(".csv")):
+        return
+    get_spec(name)
 
 
 # -- records ------------------------------------------------------------------------------------------------------
@@ -266,7 +288,7 @@ def _evaluate(method, splits, backbone: Backbone, cell: Cell, options: RunOption
 
     data = _dataset(splits.test, backbone, train=False, seed=cell.seed, options=options)
     loader = make_loader(data, batch_size=cell.preset.eval.batch_size, shuffle=False, seed=cell.seed)
-    precision = cell.preset.train.precision if cell.preset.train else "auto"
+    precision = options.precision or (cell.preset.train.precision if cell.preset.train else "auto")
     return evaluate(method, loader, device=options.device, precision=precision, progress=options.progress,
                     desc=f"eval {splits.name}")
 
@@ -294,13 +316,17 @@ def _resolved_config(cell: Cell, backbone: Backbone) -> dict[str, Any]:
                          "random_weights": backbone.random_weights}}
 
 
+def default_shots(protocol: str) -> list[int]:
+    return [1, 2, 4, 8, 16] if protocol == "fewshot" else [16]
+
+
 def run_protocol(protocol: str, datasets: list[str], methods: list[str], backbone: Backbone, out: str | Path,
                  seeds: list[int] = (1, 2, 3), shots: list[int] | None = None, presets: dict[str, str] | None = None,
                  overrides: list[str] | None = None, targets: list[str] | None = None,
                  options: RunOptions | None = None) -> GridResult:
     """Build the grid of ``protocol`` and run it (finished cells are skipped)."""
     if shots is None:
-        shots = [1, 2, 4, 8, 16] if protocol == "fewshot" else [16]
+        shots = default_shots(protocol)
     cells = make_cells(protocol, list(datasets), list(methods), list(seeds), list(shots), presets, overrides,
                        targets)
     return run_grid(cells, backbone, out, options)

@@ -1,0 +1,472 @@
+"""The ``promptclip`` command line. ``main(argv)`` returns the exit code (importable for tests).
+
+Errors meant for the user (bad names, keys, files, offline downloads) print as one paragraph without a
+traceback; ``--debug`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, DataError, PromptClipError
+
+RANDOM_BANNER = "RANDOM WEIGHTS: backbone '{}' has random weights, accuracy is meaningless (pipeline check only)"
+DEMO_DATASET = "eurosat-sample"
+DEMO_METHODS = ("zeroshot", "maple")
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _banner(text: str) -> None:
+    line = "!" * min(len(text) + 4, 118)
+    print(f"{line}\n! {text} !\n{line}", file=sys.stderr, flush=True)
+
+
+def _load_backbone(name: str, device: str, progress: bool = True):
+    from .clip.architectures import RANDOM_ONLY
+    from .clip.weights import backbone_fingerprint, load_backbone
+    from .protocols import Backbone
+
+    model, source = load_backbone(name, device=device, progress=progress)
+    random_weights = name in RANDOM_ONLY
+    if random_weights:
+        _banner(RANDOM_BANNER.format(name))
+    else:
+        _say(f"backbone {name}: {source}")
+    return Backbone(model, Path(name).name if Path(name).exists() else name, backbone_fingerprint(model),
+                    random_weights)
+
+
+def _overrides(args) -> list[str]:
+    overrides = list(args.set or [])
+    if getattr(args, "precision", None):
+        overrides.append(f"train.precision={args.precision}")
+    return overrides
+
+
+def _options(args):
+    from .protocols import RunOptions
+
+    return RunOptions(root=getattr(args, "root", None), device=args.device, progress=not args.quiet,
+                      precision=getattr(args, "precision", None), log=_say)
+
+
+def _preset_map(items: list[str] | None) -> dict[str, str]:
+    mapping = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--preset {item!r}: use METHOD=PRESET (e.g. maple=maple/vit_b16_c2_ep5_batch4_2ctx)")
+        method, name = item.split("=", 1)
+        mapping[method.strip()] = name.strip()
+    return mapping
+
+
+def _write_report(records_path: Path, out: Path, plots: bool) -> list[Path]:
+    from .report import read_records, write_report
+
+    return write_report(read_records(records_path), out, plots=plots)
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+
+
+def cmd_list(args) -> int:
+    if args.what == "methods":
+        from .methods import get_method_class, list_methods
+
+        for name in list_methods():
+            cls = get_method_class(name)
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            vit = "" if cls.supports_resnet else "  [ViT only]"
+            _say(f"{name:10s} {doc}{vit}")
+    elif args.what == "datasets":
+        from .data import get_spec, list_datasets
+
+        for name in list_datasets():
+            spec = get_spec(name)
+            _say(f"{name:16s} {getattr(spec, 'num_classes', '') or '':>5} classes  template {spec.template!r}")
+    elif args.what == "backbones":
+        from .clip.architectures import RANDOM_ONLY
+        from .clip.weights import PRETRAINED, cache_dir
+
+        for name, entry in PRETRAINED.items():
+            cached = (cache_dir() / entry.filename).exists()
+            _say(f"{name:16s} {'cached' if cached else 'downloads on first use'}  {entry.url}")
+        for name in RANDOM_ONLY:
+            _say(f"{name:16s} random weights (tests and pipeline checks only)")
+        _say("or a path: an OpenAI .pt (TorchScript or state dict), a .safetensors/.bin state dict, an HF CLIP folder")
+    else:
+        from .presets import list_presets, load_preset
+
+        for name in list_presets():
+            preset = load_preset(name)
+            train = preset.train
+            summary = (f"batch {train.batch_size}, lr {train.lr}, {train.max_epoch} epochs" if train
+                       else "no training")
+            _say(f"{name:60s} {summary}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import save_adapter
+    from .data import protocol_splits
+    from .presets import apply_overrides, default_preset, load_preset
+    from .protocols import _dataset
+    from .train import fit
+
+    preset = apply_overrides(load_preset(args.preset or default_preset("fewshot", args.method, args.dataset,
+                                                                        args.shots)), _overrides(args))
+    if preset.method != args.method:
+        raise ConfigError(f"preset {preset.name!r} is for method {preset.method!r}, not {args.method!r}")
+    if preset.train is None:
+        raise ConfigError(f"method {args.method!r} learns nothing; use `promptclip eval --method {args.method}`")
+    backbone = _load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
+    splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
+    from .methods import create_method
+
+    method = create_method(preset.method, backbone.model, splits.classnames, preset.method_config,
+                           template=splits.template)
+    out = Path(args.out)
+    _say(f"training {preset.method} ({preset.name}) on {splits.name} [{args.subsample}], {len(splits.train)} images, "
+         f"{splits.num_classes} classes, seed {args.seed} -> {out}")
+    data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args))
+    result = fit(method, data, preset.train, out_dir=out, device=args.device, progress=not args.quiet,
+                 backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint)
+    if result.adapter_path is None:
+        result.adapter_path = save_adapter(out / "adapter", method, backbone.name, backbone.fingerprint)
+    _say(f"adapter: {result.adapter_path} (+ .json), {method.num_trainable():,} learned values")
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import make_loader, protocol_splits
+    from .evaluate import evaluate
+    from .methods import create_method
+    from .protocols import _dataset, load_trained
+
+    if not args.adapter and not args.method:
+        raise ConfigError("eval needs --adapter PATH (a trained run) or --method zeroshot")
+    backbone_name = args.backbone
+    if args.adapter and backbone_name is None:
+        from .checkpoint import read_adapter
+
+        backbone_name = read_adapter(_adapter_file(args.adapter))[0]["backbone"]["name"]
+    backbone = _load_backbone(backbone_name or "ViT-B/16", args.device, not args.quiet)
+    splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
+    if args.adapter:
+        method = load_trained(_adapter_file(args.adapter), backbone, splits.classnames, splits.template)
+        if args.method and method.name != args.method:
+            raise ConfigError(f"adapter {args.adapter} was trained with method {method.name!r}, not {args.method!r}")
+    else:
+        method = create_method(args.method, backbone.model, splits.classnames, template=splits.template)
+    data = _dataset(splits.test, backbone, train=False, seed=args.seed, options=_options(args))
+    result = evaluate(method, make_loader(data, batch_size=args.batch_size, shuffle=False, seed=args.seed),
+                      device=args.device, precision=args.precision or "auto", progress=not args.quiet)
+    summary = {"dataset": splits.name, "subsample": args.subsample, "method": method.name, **result.summary()}
+    _say(json.dumps(summary, indent=2))
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
+def _adapter_file(path: str) -> Path:
+    p = Path(path)
+    return p / "adapter.safetensors" if p.is_dir() else p
+
+
+def cmd_run(args) -> int:
+    from .protocols import default_shots, make_cells, run_grid
+
+    shots = args.shots or default_shots(args.protocol)
+    cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _preset_map(args.preset),
+                       _overrides(args), args.targets)  # every name and key checked before loading weights
+    backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
+    out = Path(args.out)
+    result = run_grid(cells, backbone, out, _options(args))
+    _say(f"{result.ran} run(s) done, {result.skipped} already finished; records: {out / 'records.jsonl'}")
+    if not args.no_report:
+        files = _write_report(out / "records.jsonl", out / "report", plots=not args.no_plots)
+        _say(f"report: {out / 'report' / 'report.md'} ({len(files)} files)")
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
+def cmd_report(args) -> int:
+    source = Path(args.records)
+    if not source.exists():
+        raise DataError(f"no records at {source}: pass a records.jsonl file or a run output directory")
+    records_path = source / "records.jsonl" if source.is_dir() and (source / "records.jsonl").exists() else source
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "report"
+    files = _write_report(records_path, out, plots=not args.no_plots)
+    for path in files:
+        _say(str(path))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .protocols import make_cells, run_grid
+
+    cells = make_cells("base2novel", [DEMO_DATASET], list(DEMO_METHODS), args.seeds, [16], None, _overrides(args))
+    try:
+        backbone = _load_backbone(args.backbone, args.device, not args.quiet)
+    except PromptClipError as err:
+        raise type(err)(f"{err} To check the pipeline without weights: promptclip demo --backbone tiny "
+                        "(random weights, accuracy meaningless).") from None
+    out = Path(args.out)
+    _say(f"demo: base-to-novel on the bundled EuroSAT sample ({DEMO_DATASET}) with {', '.join(DEMO_METHODS)}, "
+         f"seeds {args.seeds}, output {out}")
+    result = run_grid(cells, backbone, out, _options(args))
+    files = _write_report(out / "records.jsonl", out / "report", plots=not args.no_plots)
+    _say(f"{result.ran} run(s) done, {result.skipped} already finished")
+    _say(f"report: {out / 'report' / 'report.md'} ({len(files)} files)")
+    report = (out / "report" / "report.md").read_text()
+    start = report.find("| Dataset")
+    if start >= 0:
+        _say(report[start:].split("\n\n")[0])
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .clip.transforms import EvalTransform
+    from .data.loader import open_image
+    from .evaluate import move_batch
+    from .methods import create_method
+    from .precision import autocast
+    from .protocols import load_trained
+
+    paths = _image_paths(args.images)
+    if args.adapter:
+        from .checkpoint import read_adapter
+
+        meta = read_adapter(_adapter_file(args.adapter))[0]
+        backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args.device, not args.quiet)
+        classnames = _classnames(args.classnames) if args.classnames else None
+        method = load_trained(_adapter_file(args.adapter), backbone, classnames, args.template)
+    else:
+        if not args.classnames:
+            raise ConfigError("predict needs --adapter PATH or --classnames 'a,b,c' (zero-shot)")
+        backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
+        method = create_method("zeroshot", backbone.model, _classnames(args.classnames),
+                               template=args.template or "a photo of a {}.")
+    transform = EvalTransform(backbone.model.visual.input_resolution)
+    method.eval()
+    k = min(args.top_k, method.num_classes)
+    rows = []
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        images = torch.stack([transform(open_image(str(p))) for p in chunk])
+        with torch.no_grad(), autocast(args.precision or "auto", args.device):
+            probs = method(move_batch({"image": images}, args.device)).float().softmax(dim=-1).cpu()
+        top = probs.topk(k, dim=-1)
+        for path, values, indices in zip(chunk, top.values, top.indices, strict=True):
+            rows.append({"path": str(path), "predictions": [
+                {"label": method.classnames[i], "probability": round(float(v), 6)}
+                for v, i in zip(values.tolist(), indices.tolist(), strict=True)]})
+    _say(_format_predictions(rows, args.format))
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
+def _classnames(text: str) -> list[str]:
+    path = Path(text)
+    names = path.read_text().splitlines() if path.is_file() else text.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ConfigError(f"--classnames {text!r} gives no class name")
+    return names
+
+
+def _image_paths(items: list[str]) -> list[Path]:
+    from .data.datasets import list_images
+
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = [p / rel for rel in list_images(p)]
+            if not found:
+                raise DataError(f"folder {p} holds no image files (looked for .jpg, .jpeg, .png, ... recursively)")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise DataError(f"image {p} does not exist")
+    return paths
+
+
+def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "rank", "label", "probability"])
+        for row in rows:
+            for rank, pred in enumerate(row["predictions"], 1):
+                writer.writerow([row["path"], rank, pred["label"], pred["probability"]])
+        return buffer.getvalue().rstrip("\n")
+    lines = []
+    for row in rows:
+        preds = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in row["predictions"])
+        lines.append(f"{row['path']}: {preds}")
+    return "\n".join(lines)
+
+
+def cmd_data(args) -> int:
+    from .data import prepare, verify
+
+    if args.action == "prepare":
+        report = prepare(args.name, args.root, download=not args.no_download, progress=not args.quiet)
+        _say(str(report))
+        return 0 if report.status in ("ok", "manual") else 1
+    report = verify(args.name, args.root)
+    _say(str(report))
+    return 0 if report.ok else 1
+
+
+# -- parser --------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    common.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast precision (default from the preset: auto = bf16 where the hardware has it)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(prog="promptclip", description="Prompt learning on frozen CLIP models.")
+    parser.add_argument("--version", action="version", version=f"promptclip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text, **kw):
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common], **kw)
+
+    p = add("list", "list methods, datasets, backbones or presets")
+    p.add_argument("what", choices=["methods", "datasets", "backbones", "presets"])
+    p.set_defaults(func=cmd_list)
+
+    def data_args(p, shots_default=16):
+        p.add_argument("--dataset", required=True, help="a dataset name, eurosat-sample, folder:PATH or csv:PATH")
+        p.add_argument("--root", help="data root holding the dataset folders")
+        p.add_argument("--shots", type=int, default=shots_default)
+        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--subsample", choices=["all", "base", "new"], default="all")
+
+    def config_args(p):
+        p.add_argument("--backbone", help="ViT-B/16 (default), another registry name, tiny, or a weights path")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a preset value, e.g. train.max_epoch=2 or method_config.depth=3")
+
+    p = add("train", "train one method on one dataset split and save its adapter")
+    p.add_argument("--method", required=True)
+    p.add_argument("--preset", help="preset name or YAML path (default: the method's official few-shot preset)")
+    data_args(p)
+    config_args(p)
+    p.add_argument("--out", required=True, help="run directory (resumed if it holds an interrupted run)")
+    p.set_defaults(func=cmd_train)
+
+    p = add("eval", "evaluate an adapter (or zero-shot CLIP) on a dataset's test split")
+    p.add_argument("--adapter", help="adapter .safetensors/.json or a run directory")
+    p.add_argument("--method", help="zeroshot (without --adapter), or the method the adapter must have")
+    data_args(p)
+    p.add_argument("--backbone", help="default: the adapter's backbone")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.set_defaults(func=cmd_eval)
+
+    p = add("run", "run a protocol grid (methods x datasets x seeds x shots), resumable, then write the report")
+    p.add_argument("protocol", help="base2novel, fewshot, cross_dataset or domain_generalization")
+    p.add_argument("--methods", nargs="+", required=True)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--shots", nargs="+", type=int, help="default: 1 2 4 8 16 for fewshot, 16 otherwise")
+    p.add_argument("--targets", nargs="+", help="cross_dataset / domain_generalization targets (default: the papers')")
+    p.add_argument("--preset", action="append", metavar="METHOD=PRESET", help="a non-default preset for a method")
+    p.add_argument("--root", help="data root holding the dataset folders")
+    config_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = add("report", "tables and plots from result records")
+    p.add_argument("records", help="records.jsonl or a run output directory")
+    p.add_argument("--out", help="default: <records dir>/report")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = add("predict", "top-k labels for images or folders, from an adapter or zero-shot class names")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--adapter")
+    p.add_argument("--classnames", help="comma-separated names or a file with one per line")
+    p.add_argument("--template", help="zero-shot template, default 'a photo of a {}.'")
+    p.add_argument("--backbone")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_predict)
+
+    p = add("data", "prepare or verify a benchmark dataset")
+    p.add_argument("action", choices=["prepare", "verify"])
+    p.add_argument("name")
+    p.add_argument("--root", required=True)
+    p.add_argument("--no-download", action="store_true", help="prepare: only lay out files already present")
+    p.set_defaults(func=cmd_data)
+
+    p = add("demo", "base-to-novel with MaPLe and zero-shot CLIP on the bundled EuroSAT sample, with a report")
+    p.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (downloaded), a weights path, or tiny")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--out", default="promptclip-demo")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs and runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except PromptClipError as err:
+        if args.debug:
+            raise
+        print(textwrap.fill(f"error: {err}", width=118, break_long_words=False, break_on_hyphens=False),
+              file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one paragraph, traceback on --debug
+        if args.debug:
+            raise
+        print(f"unexpected error: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def console_main() -> None:
+    sys.exit(main())
