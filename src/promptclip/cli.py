@@ -36,18 +36,14 @@ def _banner(text: str) -> None:
 
 
 def _load_backbone(name: str, device: str, progress: bool = True):
-    from .clip.architectures import RANDOM_ONLY
-    from .clip.weights import backbone_fingerprint, load_backbone
-    from .protocols import Backbone
+    from .api import load_backbone
 
-    model, source = load_backbone(name, device=device, progress=progress)
-    random_weights = name in RANDOM_ONLY
-    if random_weights:
+    backbone = load_backbone(name, device=device, progress=progress)
+    if backbone.random_weights:
         _banner(RANDOM_BANNER.format(name))
     else:
-        _say(f"backbone {name}: {source}")
-    return Backbone(model, Path(name).name if Path(name).exists() else name, backbone_fingerprint(model),
-                    random_weights)
+        _say(f"backbone {name} (fingerprint {backbone.fingerprint})")
+    return backbone
 
 
 def _overrides(args) -> list[str]:
@@ -245,13 +241,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import torch
-
-    from .clip.transforms import EvalTransform
-    from .data.loader import open_image
-    from .evaluate import move_batch
-    from .methods import create_method
-    from .precision import autocast
+    from .api import Predictor, zero_shot
     from .protocols import load_trained
 
     paths = _image_paths(args.images)
@@ -262,26 +252,19 @@ def cmd_predict(args) -> int:
         backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args.device, not args.quiet)
         classnames = _classnames(args.classnames) if args.classnames else None
         method = load_trained(_adapter_file(args.adapter), backbone, classnames, args.template)
+        predictor = Predictor(method, backbone, args.device, args.precision or "auto")
     else:
         if not args.classnames:
             raise ConfigError("predict needs --adapter PATH or --classnames 'a,b,c' (zero-shot)")
         backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
-        method = create_method("zeroshot", backbone.model, _classnames(args.classnames),
-                               template=args.template or "a photo of a {}.")
-    transform = EvalTransform(backbone.model.visual.input_resolution)
-    method.eval()
-    k = min(args.top_k, method.num_classes)
+        predictor = zero_shot(_classnames(args.classnames), backbone, args.template or "a photo of a {}.",
+                              args.device, args.precision or "auto")
     rows = []
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        images = torch.stack([transform(open_image(str(p))) for p in chunk])
-        with torch.no_grad(), autocast(args.precision or "auto", args.device):
-            probs = method(move_batch({"image": images}, args.device)).float().softmax(dim=-1).cpu()
-        top = probs.topk(k, dim=-1)
-        for path, values, indices in zip(chunk, top.values, top.indices, strict=True):
+        for path, top in zip(chunk, predictor.predict(chunk, top_k=args.top_k), strict=True):
             rows.append({"path": str(path), "predictions": [
-                {"label": method.classnames[i], "probability": round(float(v), 6)}
-                for v, i in zip(values.tolist(), indices.tolist(), strict=True)]})
+                {"label": label, "probability": round(prob, 6)} for label, prob in top]})
     _say(_format_predictions(rows, args.format))
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(backbone.name))

@@ -94,7 +94,7 @@ class PromptMethod(nn.Module):
         self.config = config
         self.template = template
         self.classnames = [name.replace("_", " ") for name in classnames]
-        self._text_cache: torch.Tensor | None = None
+        self._text_cache: tuple[tuple[bool, torch.dtype], torch.Tensor] | None = None
 
     # -- class names ---------------------------------------------------------------------------------------------
 
@@ -135,13 +135,18 @@ class PromptMethod(nn.Module):
         raise NotImplementedError(f"{self.name} has image-dependent text features")
 
     def class_features(self) -> torch.Tensor:
-        """``encode_classes()``, cached while evaluating (no grad, eval mode)."""
+        """``encode_classes()``, cached while evaluating (no grad, eval mode).
+
+        The cache is kept per autocast setting, so features computed in bf16 are never reused by an fp32 pass.
+        """
         if self.training or torch.is_grad_enabled():
             self._text_cache = None
             return self.encode_classes()
-        if self._text_cache is None:
-            self._text_cache = self.encode_classes()
-        return self._text_cache
+        device_type = self.device.type
+        precision = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        if self._text_cache is None or self._text_cache[0] != precision:
+            self._text_cache = (precision, self.encode_classes())
+        return self._text_cache[1]
 
     def loss(self, batch: Mapping[str, Any], logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training objective; ``loss`` is the total that is back-propagated, other keys are logged terms."""
