@@ -1,0 +1,58 @@
+"""Print the parity table of docs/parity.md: for every golden in tests/golden/, the largest errors of our
+implementation against the reference (eval logits, training loss, gradients) next to the README's tolerance.
+
+    python tools/parity_table.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from parity import build_method, load_golden, method_for, method_golden_names  # noqa: E402
+
+
+def errors(name: str) -> tuple[str, float, float, float, int]:
+    golden = load_golden(name)
+    method, name_map = build_method(golden)
+    method.eval()
+    with torch.no_grad():
+        logits = method({"image": golden.images()})
+    g = golden.tensors["eval.logits"]
+    logit_err = (logits - g).abs().max().item() / max(1.0, g.abs().max().item())
+    method.train()
+    batch = {"image": golden.images(), "label": golden.labels()}
+    loss = method.loss(batch, method(batch))["loss"]
+    ref_loss = golden.tensors["train.loss"].item()
+    loss_err = abs(loss.item() - ref_loss) / max(1.0, abs(ref_loss))
+    loss.backward()
+    params = dict(method.named_trainable())
+    grad_err, checked = 0.0, 0
+    for ref, ours in name_map.items():
+        if ref in golden.meta["params_without_grad"]:
+            continue
+        ref_grad = golden.tensors.get(f"grad.{ref}", golden.tensors.get(f"gradrows.{ref}"))
+        grad = params[ours].grad
+        if grad.shape != ref_grad.shape:  # gradrows: the first rows of a large tensor
+            grad = grad[: ref_grad.shape[0]]
+        grad_err = max(grad_err, (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item())
+        checked += 1
+    return method_for(golden), logit_err, loss_err, grad_err, checked
+
+
+def main() -> None:
+    print("| golden | reference trainer | our method | logits err / max(1, max\\|g\\|) | loss err | "
+          "max grad err / max\\|g\\| | tensors with gradient checked |")
+    print("|---|---|---|---|---|---|---|")
+    for name in method_golden_names():
+        golden = load_golden(name)
+        method, logit_err, loss_err, grad_err, checked = errors(name)
+        print(f"| {name} | {golden.trainer_class} | {method} | {logit_err:.1e} | {loss_err:.1e} | {grad_err:.1e} | "
+              f"{checked} |")
+    print(f"\ntorch {torch.__version__}; tolerance 1e-4 for every column (tests/golden/README.md)")
+
+
+if __name__ == "__main__":
+    main()
