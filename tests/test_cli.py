@@ -207,3 +207,15 @@ def test_debug_shows_the_traceback():
     with pytest.raises(Exception, match="did you mean 'maple'"):
         main(["run", "base2novel", "--methods", "mapel", "--datasets", "eurosat-sample", "--out", "/tmp/x",
               "--debug"])
+
+
+def test_predict_on_an_empty_folder_or_an_unreadable_image_names_the_file(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), "--classnames", "a,b", "--backbone", "tiny", "--quiet"]) == 2
+    assert f"folder {empty} holds no image files" in capsys.readouterr().err.replace("\n", " ")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["predict", str(broken), "--classnames", "a,b", "--backbone", "tiny", "--quiet"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "cannot decode image" in err and "broken.jpg" in err and "Traceback" not in err
