@@ -70,9 +70,15 @@ def _preset_map(items: list[str] | None) -> dict[str, str]:
     return mapping
 
 
-def _write_report(records_path: Path, out: Path, plots: bool) -> list[Path]:
+def _write_report(records_path: Path, out: Path, plots: bool, required: bool = False) -> list[Path]:
+    """Tables always; plots when asked for and matplotlib is there (``required``: its absence is an error)."""
+    import importlib.util
+
     from .report import read_records, write_report
 
+    if plots and not required and importlib.util.find_spec("matplotlib") is None:
+        _say('plots skipped: matplotlib is not installed (pip install "promptclip[plot]")')
+        plots = False
     return write_report(read_records(records_path), out, plots=plots)
 
 
@@ -209,7 +215,7 @@ def cmd_report(args) -> int:
         raise DataError(f"no records at {source}: pass a records.jsonl file or a run output directory")
     records_path = source / "records.jsonl" if source.is_dir() and (source / "records.jsonl").exists() else source
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "report"
-    files = _write_report(records_path, out, plots=not args.no_plots)
+    files = _write_report(records_path, out, plots=not args.no_plots, required=True)
     for path in files:
         _say(str(path))
     return 0
