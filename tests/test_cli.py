@@ -219,3 +219,16 @@ def test_predict_on_an_empty_folder_or_an_unreadable_image_names_the_file(tmp_pa
     assert main(["predict", str(broken), "--classnames", "a,b", "--backbone", "tiny", "--quiet"]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
     assert "cannot decode image" in err and "broken.jpg" in err and "Traceback" not in err
+
+
+def test_grid_without_matplotlib_writes_tables_and_says_how_to_get_plots(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    argv = ["run", "base2novel", "--methods", "zeroshot", "--datasets", "eurosat-sample", "--seeds", "1",
+            "--out", str(tmp_path), "--backbone", "tiny", "--quiet"]
+    assert main(argv) == 0
+    assert 'pip install "promptclip[plot]"' in capsys.readouterr().out
+    assert (tmp_path / "report" / "report.md").exists() and not list((tmp_path / "report").glob("*.png"))
