@@ -120,11 +120,13 @@ def test_cocoop_text_tower_runs_batched(tiny, chunk_size, expected_calls):
     try:
         method.train()
         batch = {"image": tiny_images(4), "label": torch.tensor([0, 1, 2, 0])}
-        method.loss(batch, method(batch))["loss"].backward()
+        loss = method.loss(batch, method(batch))["loss"]
+        forward_calls = list(calls)  # the backward re-runs checkpointed chunks (promptclip.memory)
+        loss.backward()
     finally:
         handle.remove()
-    assert len(calls) == expected_calls
-    assert sum(calls) == 4 * len(CLASSES)
+    assert len(forward_calls) == expected_calls
+    assert sum(forward_calls) == 4 * len(CLASSES)
     assert method.ctx.grad is not None and method.meta_net.linear1.weight.grad is not None
 
 

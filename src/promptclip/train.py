@@ -1,5 +1,11 @@
 """The training engine: Dassl's recipe (SGD, one constant warm-up epoch, then cosine stepped per epoch), autocast
-with fp32 master tensors, seeded data order, per-epoch resumable state, and a clear stop on a non-finite loss."""
+with fp32 master tensors, seeded data order, per-epoch resumable state, and a clear stop on a non-finite loss.
+
+Scaling: the text tower runs under the run's text-memory policy (``text_memory``, :mod:`promptclip.memory`), and
+when a process group with several ranks is initialised (``torchrun``, :mod:`promptclip.distributed`) training is
+data-parallel: ``batch_size`` is per rank, the global batch is ``batch_size x world size``, the learning rate follows
+the same per-epoch schedule (an epoch is one pass over the data, whatever the number of ranks), and only rank 0
+writes state and adapters."""
 
 from __future__ import annotations
 
@@ -15,10 +21,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import atomic_save_tensors, atomic_write_text, save_adapter
 from .config import to_dict
 from .errors import PromptClipError
 from .evaluate import move_batch
+from .memory import DEFAULT_CHUNK_TOKENS, TextMemory, text_memory
 from .precision import autocast, resolve_precision
 
 TRAIN_STATE_JSON = "train_state.json"
@@ -44,6 +52,12 @@ class TrainConfig:
     num_workers: int = 0
     #: Dassl drops the last incomplete training batch when the data has at least one full batch.
     drop_last: bool = True
+    #: Text-tower memory (promptclip.memory): "auto" chunks and checkpoints above ``text_chunk_tokens`` sequences x
+    #: tokens, "always" does so whatever the size, "off" keeps every activation. Same results; not part of a run's
+    #: identity.
+    text_memory: Literal["auto", "always", "off"] = "auto"
+    #: Sequences x tokens per text-tower chunk.
+    text_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self):
         for name in ("batch_size", "max_epoch"):
@@ -51,6 +65,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_epoch < 0 or self.lr <= 0:
             raise ValueError("warmup_epoch must be >= 0 and lr > 0")
+        self.memory_policy()  # validates text_memory and text_chunk_tokens
+
+    def memory_policy(self) -> TextMemory:
+        return TextMemory(self.text_memory, self.text_chunk_tokens)
+
+
+#: TrainConfig fields that change how a run computes, not what it computes: left out of a run's identity (resume
+#: check, protocol run directories), so they can differ between a run and its resumption.
+RUNTIME_FIELDS = ("text_memory", "text_chunk_tokens")
+
+
+def train_identity(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+    values = dict(config) if isinstance(config, Mapping) else to_dict(config)
+    return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS}
 
 
 class TrainingDiverged(PromptClipError):
@@ -74,12 +102,22 @@ class FitResult:
 
 
 def make_train_loader(data: Dataset, config: TrainConfig):
-    """Shuffled batches whose order depends only on (seed, epoch): a resumed run sees the same order."""
-    from .data.loader import make_loader
+    """Shuffled batches whose order depends only on (seed, epoch): a resumed run sees the same order.
 
-    drop_last = config.drop_last and len(data) >= config.batch_size
-    return make_loader(data, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
-                       drop_last=drop_last)
+    Data-parallel: this rank's share of each global batch of the same order (:class:`ShardedSeededSampler`)."""
+    from .data.loader import PromptLoader, collate_samples, make_loader, sample_seed
+
+    ctx = distributed.current()
+    if ctx is None:
+        drop_last = config.drop_last and len(data) >= config.batch_size
+        return make_loader(data, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
+                           drop_last=drop_last)
+    drop_last = config.drop_last and len(data) >= config.batch_size * ctx.world_size
+    sampler = distributed.ShardedSeededSampler(len(data), config.seed, config.batch_size, ctx.rank, ctx.world_size,
+                                               drop_last)
+    return PromptLoader(data, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                        drop_last=False, collate_fn=collate_samples,
+                        generator=torch.Generator().manual_seed(sample_seed(config.seed, 0, -2)))
 
 
 def make_optimizer(method, config: TrainConfig) -> torch.optim.SGD:
@@ -96,8 +134,14 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
 
     With ``out_dir`` the state is saved after every epoch and a rerun resumes from the last finished epoch;
     the final adapter is written to ``out_dir/adapter.safetensors`` (+ ``.json``).
+
+    The text tower runs under ``config.text_memory`` for the whole run (:func:`promptclip.memory.text_memory`).
+    Data-parallel when a process group with several ranks is initialised (module docstring): every rank calls
+    ``fit`` with the same arguments; rank 0 alone reads and writes ``out_dir`` (the others get its state).
     """
     device = torch.device(device)
+    ctx = distributed.current()
+    main = ctx is None or ctx.is_main
     method.to(device)
     if method.num_trainable() == 0:
         raise PromptClipError(f"method {method.name!r} has nothing to train; evaluate it directly")
@@ -107,30 +151,40 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
     out = Path(out_dir) if out_dir is not None else None
     result = FitResult()
     start_epoch = 0
-    if out is not None and resume and (out / TRAIN_STATE_JSON).exists():
-        state = _load_train_state(out, method, optimizer, config)
-        result.history, result.resumed_from_epoch = state["history"], state["epoch"]
-        if state.get("finished"):
+    state = None
+    if out is not None and resume:
+        state = _read_train_state(out, method, config) if main else None
+        state = distributed.broadcast_object(state)  # single process: unchanged
+        if isinstance(state, str):  # the saved state cannot be resumed: every rank stops with the same message
+            raise PromptClipError(state)
+    if state is not None:
+        meta = _apply_train_state(method, optimizer, *state)
+        result.history, result.resumed_from_epoch = meta["history"], meta["epoch"]
+        if meta.get("finished"):
             result.adapter_path = out / f"{ADAPTER_STEM}.safetensors"
             return result
-        start_epoch = state["epoch"] + 1
+        start_epoch = meta["epoch"] + 1
 
     loader = make_train_loader(train_data, config)
-    for epoch in range(start_epoch, config.max_epoch):
-        loader.set_epoch(epoch)
-        record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress)
-        method.on_epoch_end(epoch, config.max_epoch)
-        result.history.append(record)
-        if out is not None:
-            _save_train_state(out, method, optimizer, config, epoch, result.history, finished=False)
-        if on_epoch is not None:
-            on_epoch(record)
+    with text_memory(config.memory_policy()):
+        for epoch in range(start_epoch, config.max_epoch):
+            loader.set_epoch(epoch)
+            record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress and main, ctx)
+            method.on_epoch_end(epoch, config.max_epoch)
+            result.history.append(record)
+            if out is not None and main:
+                _save_train_state(out, method, optimizer, config, epoch, result.history, finished=False)
+            if on_epoch is not None:
+                on_epoch(record)
 
     method.on_train_end()
     if out is not None:
-        result.adapter_path = save_adapter(out / ADAPTER_STEM, method, backbone_name, backbone_fingerprint,
-                                           extra={"train": to_dict(config), "history": result.history})
-        _save_train_state(out, method, optimizer, config, config.max_epoch - 1, result.history, finished=True)
+        result.adapter_path = out / f"{ADAPTER_STEM}.safetensors"
+        if main:
+            save_adapter(out / ADAPTER_STEM, method, backbone_name, backbone_fingerprint,
+                         extra={"train": to_dict(config), "history": result.history})
+            _save_train_state(out, method, optimizer, config, config.max_epoch - 1, result.history, finished=True)
+        distributed.barrier()  # fit returns on every rank once the adapter is on disk
     return result
 
 
@@ -140,7 +194,7 @@ def _grad_scaler(precision: str, device: torch.device):
     return None
 
 
-def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress) -> dict[str, Any]:
+def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress, ctx=None) -> dict[str, Any]:
     lr = dassl_lr(epoch, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -155,18 +209,20 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
             logits = method(batch)
             losses = method.loss(batch, logits)
         loss = losses["loss"].float()
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise TrainingDiverged(
-                f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({terms}); "
-                "the last finished epoch's state is kept. Try a lower learning rate or precision fp32."
-            )
-        _step(method, optimizer, scaler, loss, config.grad_clip)
+        hits = int((logits.argmax(dim=1) == batch["label"]).sum())
+        if ctx is None:
+            _check_finite(loss, {k: float(v.detach()) for k, v in losses.items()}, epoch, step)
+            _step(method, optimizer, scaler, loss, config.grad_clip)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            size = len(batch["label"])
+        else:
+            values, size, hits = _data_parallel_step(method, optimizer, scaler, loss, losses, hits,
+                                                     len(batch["label"]), config.grad_clip, epoch, step)
         steps += 1
-        for key, value in losses.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach())
-        correct += int((logits.argmax(dim=1) == batch["label"]).sum())
-        seen += len(batch["label"])
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0.0) + value
+        correct += hits
+        seen += size
         bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.2e}")
     if steps == 0:
         raise PromptClipError("the training data produced no batch (is the dataset empty?)")
@@ -176,6 +232,33 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
     return record
 
 
+def _check_finite(loss: torch.Tensor, terms: Mapping[str, float], epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        raise TrainingDiverged(
+            f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({shown}); "
+            "the last finished epoch's state is kept. Try a lower learning rate or precision fp32."
+        )
+
+
+def _data_parallel_step(method, optimizer, scaler, loss, losses, hits, size, grad_clip, epoch, step):
+    """Backward on this rank's share, one all-reduce (gradients of the global-batch mean, batch sizes, hits and loss
+    terms), then the same clipped optimizer step on every rank. Returns the global loss terms, batch size, hits."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    keys = sorted(losses)
+    params = [p for _, p in method.named_trainable()]
+    summed = distributed.all_reduce_step(params, size, [hits, *(float(losses[k].detach()) * size for k in keys)])
+    total, hits = summed[0], summed[1]
+    values = {k: v / total for k, v in zip(keys, summed[2:], strict=True)}
+    # The same global loss on every rank: all ranks stop together on a non-finite one.
+    _check_finite(torch.tensor(values["loss"]), values, epoch, step)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    _clip_and_step(method, optimizer, scaler, grad_clip)
+    return values, int(round(total)), int(round(hits))
+
+
 def _step(method, optimizer, scaler, loss, grad_clip) -> None:
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -183,6 +266,10 @@ def _step(method, optimizer, scaler, loss, grad_clip) -> None:
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    _clip_and_step(method, optimizer, scaler, grad_clip)
+
+
+def _clip_and_step(method, optimizer, scaler, grad_clip) -> None:
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for _, p in method.named_trainable()], grad_clip)
     if scaler is not None:
@@ -207,17 +294,22 @@ def _save_train_state(out: Path, method, optimizer, config, epoch, history, fini
     atomic_write_text(out / TRAIN_STATE_JSON, json.dumps(meta, indent=2) + "\n")
 
 
-def _load_train_state(out: Path, method, optimizer, config) -> Mapping[str, Any]:
+def _read_train_state(out: Path, method, config) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | str | None:
+    """The saved state of ``out`` (None: nothing saved; a string: why it cannot be resumed)."""
     from safetensors.torch import load_file
 
+    if not (out / TRAIN_STATE_JSON).exists():
+        return None
     meta = json.loads((out / TRAIN_STATE_JSON).read_text())
     if meta["method"] != method.name or meta["method_config"] != to_dict(method.config) \
-            or meta["train"] != to_dict(config):
-        raise PromptClipError(
-            f"{out} holds a run of another method or configuration ({meta['method']}); "
-            "use another output directory or delete it to start over"
-        )
-    tensors = load_file(out / TRAIN_STATE_TENSORS)
+            or train_identity(meta["train"]) != train_identity(config):
+        return (f"{out} holds a run of another method or configuration ({meta['method']}); "
+                "use another output directory or delete it to start over")
+    return meta, load_file(out / TRAIN_STATE_TENSORS)
+
+
+def _apply_train_state(method, optimizer, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+                       ) -> Mapping[str, Any]:
     params = dict(method.named_trainable())
     with torch.no_grad():
         for name, p in params.items():

@@ -12,7 +12,8 @@ Follows the reference (KaiyangZhou/CoOp ``trainers/cocoop.py``):
   its normalised feature and its own C text features.
 
 Unlike the reference, which runs the text tower once per image in a Python loop, the B x C prompts are encoded in one
-batched pass (``text_chunk_size`` bounds the number of sequences per pass); the result is the same per image.
+batched pass, chunked and checkpointed by the engine's text-memory policy (:mod:`promptclip.memory`;
+``text_chunk_size`` fixes the sequences per pass); the result is the same per image.
 The Meta-Net is initialised like ``nn.Linear``'s default (uniform in +-1/sqrt(fan_in)) but from an explicit seed.
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import PromptMethod, cosine_logits, reference_options, register
 from .prompts import (
+    InstancePrompts,
     build_class_prompts,
     encode_text_embeddings,
     normal_init,
@@ -46,7 +48,7 @@ class CoCoOpConfig:
     init_std: float = 0.02
     #: Seed of the random context (``init_seed``) and of the Meta-Net (``init_seed + 1``); no global RNG is used.
     init_seed: int = 0
-    #: Prompt sequences (images x classes) per text-tower pass; None: all B x C in one pass.
+    #: Prompt sequences (images x classes) per text-tower pass; None: the engine's automatic chunking.
     text_chunk_size: int | None = None
 
 
@@ -110,10 +112,7 @@ class CoCoOp(PromptMethod):
     def instance_text_features(self, ctx: torch.Tensor) -> torch.Tensor:
         """Text features ``[B, C, D]`` for per-image contexts ``ctx`` ``[B, n_ctx, W]``, in one batched pass."""
         batch, num_classes = ctx.shape[0], self.token_prefix.shape[0]
-        prefix = self.token_prefix.unsqueeze(0).expand(batch, -1, -1, -1)
-        suffix = self.token_suffix.unsqueeze(0).expand(batch, -1, -1, -1)
-        ctx = ctx.to(prefix.dtype).unsqueeze(1).expand(-1, num_classes, -1, -1)
-        embeds = torch.cat([prefix, ctx, suffix], dim=2).flatten(0, 1)  # [B*C, L, W], image-major
+        embeds = InstancePrompts(self.token_prefix, ctx, self.token_suffix)  # [B*C, L, W], image-major, built per chunk
         feats = encode_text_embeddings(self.clip, embeds, self.eot.repeat(batch),
                                        chunk_size=self.config.text_chunk_size)
         return feats.view(batch, num_classes, -1)

@@ -39,7 +39,7 @@ class MaPLeConfig:
     init_std: float = 0.02
     #: Seed of the random init of prompts and couplers (explicit; independent of any global RNG).
     init_seed: int = 0
-    #: Classes per text-encoder chunk (None: all at once).
+    #: Classes per text-encoder chunk (None: the engine's automatic chunking, promptclip.memory).
     text_chunk_size: int | None = None
 
 

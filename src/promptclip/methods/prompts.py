@@ -1,5 +1,5 @@
 """Prompt pieces shared by the methods: tokenized class prompts, their frozen embeddings, and text encoding of
-prompt embeddings (EOT truncation, optional chunking)."""
+prompt embeddings (EOT truncation; chunking and checkpointing by the policy of :mod:`promptclip.memory`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from ..clip.model import CLIP, Hook, eot_positions, truncate_after_eot
 from ..clip.tokenizer import get_tokenizer, tokenize
+from ..memory import plan_text_pass
 
 
 @dataclass
@@ -65,25 +67,64 @@ def normal_init(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
 
 
-def encode_text_embeddings(clip: CLIP, token_embeds: torch.Tensor, eot: torch.Tensor, hook: Hook | None = None,
-                           chunk_size: int | None = None) -> torch.Tensor:
+def encode_text_embeddings(clip: CLIP, token_embeds: torch.Tensor | InstancePrompts, eot: torch.Tensor,
+                           hook: Hook | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Text features of prompt embeddings ``[N, L, width]`` with EOT positions ``[N]``.
 
-    Sequences are cut after the last EOT (exact under the causal mask). With ``chunk_size`` the N sequences go
-    through the tower in chunks (each chunk cut after its own last EOT).
+    Sequences are cut after the last EOT (exact under the causal mask). How the tower runs follows the text-memory
+    policy in effect (:mod:`promptclip.memory`): one pass, or chunks of sequences (each cut after its own last EOT),
+    checkpointed while training. ``chunk_size`` (a method's ``text_chunk_size``) fixes the sequences per chunk.
+    ``token_embeds`` may be an :class:`InstancePrompts`, whose rows are built chunk by chunk.
     """
-    if chunk_size is None or token_embeds.shape[0] <= chunk_size:
-        return _encode_chunk(clip, token_embeds, eot, hook)
-    parts = [
-        _encode_chunk(clip, token_embeds[i : i + chunk_size], eot[i : i + chunk_size], hook)
-        for i in range(0, token_embeds.shape[0], chunk_size)
-    ]
-    return torch.cat(parts)
+    num = token_embeds.shape[0]
+    plan = plan_text_pass(num, int(eot.max()) + 1 if num else 1, chunk_size)
+    if plan.chunk is None and not plan.checkpoint:
+        return _encode_chunk(clip, token_embeds[0:num], eot, hook)
+    step = plan.chunk or num
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        # Rows are sliced (or built) inside the pass, so a checkpoint keeps neither them nor any activation.
+        return _encode_chunk(clip, token_embeds[start:stop], eot[start:stop], hook)
+
+    parts = []
+    for start in range(0, num, step):
+        stop = min(start + step, num)
+        if plan.checkpoint:
+            parts.append(torch.utils.checkpoint.checkpoint(run, start, stop, use_reentrant=False))
+        else:
+            parts.append(run(start, stop))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _encode_chunk(clip: CLIP, token_embeds: torch.Tensor, eot: torch.Tensor, hook: Hook | None) -> torch.Tensor:
     x = clip.text.embed(token_embeds=truncate_after_eot(token_embeds, eot))
     return clip.text.pool(clip.text.forward_blocks(x, hook), eot)
+
+
+class InstancePrompts:
+    """B x C prompt embeddings ``[SOS][ctx_b][rest of class c]``, image-major (sequence ``b * C + c``).
+
+    Stands in for the ``[B * C, L, W]`` tensor of instance-conditioned methods (CoCoOp): slicing it builds only the
+    rows asked for, so :func:`encode_text_embeddings` builds each chunk inside its own (checkpointed) pass and the
+    B x C tensor never exists at once.
+    """
+
+    def __init__(self, prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor):
+        self.prefix = prefix  # [C, 1, W]
+        self.ctx = ctx.to(prefix.dtype)  # [B, n, W]
+        self.suffix = suffix  # [C, S, W]
+        self.num_classes = prefix.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        length = self.prefix.shape[1] + self.ctx.shape[1] + self.suffix.shape[1]
+        return self.ctx.shape[0] * self.num_classes, length, self.prefix.shape[2]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        index = torch.arange(start, stop, device=self.prefix.device)
+        image, cls = index // self.num_classes, index % self.num_classes
+        return torch.cat([self.prefix[cls], self.ctx[image], self.suffix[cls]], dim=1)
 
 
 def encode_texts(clip: CLIP, texts: list[str]) -> torch.Tensor:
