@@ -27,18 +27,30 @@ DEMO_METHODS = ("zeroshot", "maple")
 
 
 def _say(text: str = "") -> None:
-    print(text, flush=True)
+    if _is_main():
+        print(text, flush=True)
 
 
 def _banner(text: str) -> None:
+    if not _is_main():
+        return
     line = "!" * min(len(text) + 4, 118)
     print(f"{line}\n! {text} !\n{line}", file=sys.stderr, flush=True)
 
 
+def _is_main() -> bool:
+    """False on the ranks > 0 of a torchrun job (only rank 0 prints and writes)."""
+    from .distributed import is_main
+
+    return is_main()
+
+
 def _load_backbone(name: str, device: str, progress: bool = True):
     from .api import load_backbone
+    from .distributed import main_first
 
-    backbone = load_backbone(name, device=device, progress=progress)
+    with main_first():  # under torchrun, rank 0 downloads into the cache before the others read it
+        backbone = load_backbone(name, device=device, progress=progress and _is_main())
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(name))
     else:
@@ -197,10 +209,46 @@ def cmd_run(args) -> int:
     shots = args.shots or default_shots(args.protocol)
     cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _preset_map(args.preset),
                        _overrides(args), args.targets)  # every name and key checked before loading weights
+    if args.executor != "local":
+        return _run_on_cluster(args, cells)
     backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
     out = Path(args.out)
     result = run_grid(cells, backbone, out, _options(args))
-    _say(f"{result.ran} run(s) done, {result.skipped} already finished; records: {out / 'records.jsonl'}")
+    busy = f", {result.busy} being run by another process" if result.busy else ""
+    _say(f"{result.ran} run(s) done, {result.skipped} already finished{busy}; records: {out / 'records.jsonl'}")
+    if not args.no_report and _is_main():
+        files = _write_report(out / "records.jsonl", out / "report", plots=not args.no_plots)
+        _say(f"report: {out / 'report' / 'report.md'} ({len(files)} files)")
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
+def _run_on_cluster(args, cells) -> int:
+    """``run --executor slurm|submitit-local``: one submitit job per unfinished cell (promptclip.cluster)."""
+    from .cluster import ClusterOptions, check_failures, import_submitit, submit_grid
+    from .distributed import requested
+
+    if requested():
+        raise ConfigError(f"--executor {args.executor} submits jobs; start it once, not under torchrun (use "
+                          "--gpus-per-job N for data-parallel jobs)")
+    import_submitit(args.executor)  # says how to install it before any weights load
+    cluster = ClusterOptions(args.executor, args.executor_folder, args.partition, args.gpus_per_job,
+                             args.cpus_per_job, args.mem_gb, args.time, args.array_parallelism, wait=not args.no_wait)
+    source = args.backbone or "ViT-B/16"
+    if Path(source).exists():
+        source = str(Path(source).resolve())  # the jobs may start in another directory
+    backbone = _load_backbone(source, "cpu", not args.quiet)  # the fingerprint names the run directories
+    out = Path(args.out)
+    result = submit_grid(cells, backbone, source, out, _options(args), cluster)
+    busy = f", {result.busy} being run by another process" if result.busy else ""
+    _say(f"{result.submitted} job(s) submitted, {result.skipped} cell(s) already finished{busy}; "
+         f"records: {out / 'records.jsonl'}")
+    if not cluster.wait:
+        _say(f"not waiting: follow the jobs in {result.folder}; rerun the same command to resume or collect, or "
+             f"`promptclip report {out}` once they are done")
+        return 0
+    check_failures(result)
     if not args.no_report:
         files = _write_report(out / "records.jsonl", out / "report", plots=not args.no_plots)
         _say(f"report: {out / 'report' / 'report.md'} ({len(files)} files)")
@@ -397,6 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    cluster = p.add_argument_group("cluster (submitit; pip install \"promptclip[slurm]\")")
+    cluster.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                         help="local: in this process (default); slurm: one SLURM job per grid cell; submitit-local: "
+                              "the same jobs as subprocesses of this machine")
+    cluster.add_argument("--executor-folder", help="job scripts and logs (default OUT/submitit)")
+    cluster.add_argument("--partition", help="SLURM partition")
+    cluster.add_argument("--gpus-per-job", type=int, default=0,
+                         help="GPUs per job (default 0); more than 1 trains the cell data-parallel over them")
+    cluster.add_argument("--cpus-per-job", type=int, help="CPUs per task")
+    cluster.add_argument("--mem-gb", type=int, help="memory per job")
+    cluster.add_argument("--time", type=int, default=24 * 60, help="time limit of one job, minutes (default 1440)")
+    cluster.add_argument("--array-parallelism", type=int, default=16, help="jobs running at once (default 16)")
+    cluster.add_argument("--no-wait", action="store_true", help="submit and return instead of waiting for the jobs")
     p.set_defaults(func=cmd_run)
 
     p = add("report", "tables and plots from result records")
@@ -439,22 +500,35 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    from . import distributed
+
+    ctx = None
     try:
+        if distributed.requested():  # started by torchrun with several processes
+            if args.func not in (cmd_train, cmd_run):
+                raise ConfigError(f"`{args.command}` does not run data-parallel; only train and run do under "
+                                  "torchrun (run other commands with plain `promptclip`)")
+            ctx, args.device = distributed.setup(args.device)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted: finished epochs and runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     except PromptClipError as err:
+        distributed.report_failure(ctx, str(err))
         if args.debug:
             raise
         print(textwrap.fill(f"error: {err}", width=118, break_long_words=False, break_on_hyphens=False),
               file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the last line of defence: one paragraph, traceback on --debug
+        distributed.report_failure(ctx, f"{type(err).__name__}: {err}")
         if args.debug:
             raise
         print(f"unexpected error: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if ctx is not None:
+            distributed.shutdown()
 
 
 def console_main() -> None:

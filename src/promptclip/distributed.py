@@ -116,6 +116,8 @@ def report_failure(ctx: Dist | None, message: str) -> None:
     """Print a failing rank's error (stderr) and hand it to torchrun's error summary (its error file)."""
     if ctx is None:
         return
+    if any(word in message for word in ("peer", "remote worker", "Connection reset", "NCCL error")):
+        message += " (a collective lost its peer: most likely another rank failed first, see its message)"
     text = f"promptclip {ctx.label()} failed: {message}. torchrun stops the other ranks; finished epochs and runs " \
            "are kept, rerun the same command to resume."
     print(text, file=sys.stderr, flush=True)

@@ -11,6 +11,12 @@ A grid is a list of cells (protocol × dataset × method × seed × shots). Each
 protocol/dataset/method/config-hash/seed; a cell whose ``records.json`` exists is skipped, an interrupted cell
 resumes from its last finished epoch, and records are appended to ``records.jsonl`` under a file lock, repairing a
 torn last line first, so a crash never leaves a half-written record.
+
+:func:`run_one` is the whole life of a cell (claim, skip if done, run, done marker, append once); the local grid
+(:func:`run_grid`) and cluster jobs (:mod:`promptclip.cluster`, one submitit job per cell) both run it, so a grid can
+be resumed from any machine that sees the output directory. A cell being run by another process holds an exclusive
+lock on ``<run dir>/.claim`` and is skipped as busy. Under ``torchrun`` every rank runs the cell data-parallel and
+only rank 0 reads markers and writes files.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .checkpoint import atomic_write_text, load_adapter
 from .config import to_dict
 from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
 from .presets import Preset, apply_overrides, default_preset, load_preset
-from .train import ADAPTER_STEM, TrainConfig, fit
+from .train import ADAPTER_STEM, TrainConfig, fit, train_identity
 
 PROTOCOLS = ("base2novel", "fewshot", "cross_dataset", "domain_generalization")
 CROSS_DATASET_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
@@ -70,7 +77,8 @@ class Cell:
         identity = {
             "protocol": self.protocol, "dataset": self.dataset, "shots": self.shots, "targets": list(self.targets),
             "method": self.preset.method, "method_config": self.preset.method_config,
-            "train": to_dict(self.preset.train) if self.preset.train else None, "eval": to_dict(self.preset.eval),
+            "train": train_identity(self.preset.train) if self.preset.train else None,
+            "eval": to_dict(self.preset.eval),
             "backbone": backbone.name, "fingerprint": backbone.fingerprint,
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
@@ -99,6 +107,8 @@ class GridResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     ran: int = 0
     skipped: int = 0
+    #: Cells being run by another process right now (their records come from that process).
+    busy: int = 0
 
 
 def method_label(preset: Preset) -> str:
@@ -189,6 +199,22 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
+def append_records_once(path: Path, records: list[dict[str, Any]]) -> bool:
+    """Append ``records`` unless their run id is already in the file; the check and the append happen under one
+    lock, so two processes finishing the same cell never both append. Returns whether anything was written."""
+    if not records:
+        return False
+    with _locked(path) as handle:
+        handle.seek(0)
+        run_id = records[0]["run_id"]
+        for line in handle.read().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                if json.loads(line)["run_id"] == run_id:
+                    return False
+    append_records(path, records)
+    return True
+
+
 def recorded_run_ids(path: Path) -> set[str]:
     ids = set()
     if path.exists():
@@ -208,35 +234,88 @@ def run_grid(cells: list[Cell], backbone: Backbone, out: str | Path, options: Ru
     out = Path(out)
     result = GridResult()
     for i, cell in enumerate(cells, 1):
-        run_dir = cell.run_dir(out, backbone)
-        done = run_dir / "records.json"
-        tag = f"[{i}/{len(cells)}] {cell.protocol} {cell.dataset} {method_label(cell.preset)} seed {cell.seed}" \
-              f" shots {cell.shots}"
-        if done.exists():
-            records = json.loads(done.read_text())
-            _ensure_recorded(out / RECORDS_FILE, records)
-            result.skipped += 1
-            options.log(f"{tag}: done, skipped")
-        else:
-            options.log(f"{tag}: running in {run_dir}")
-            records = run_cell(cell, backbone, run_dir, options)
-            atomic_write_text(done, json.dumps(records, indent=2) + "\n")
-            _ensure_recorded(out / RECORDS_FILE, records)
+        records, status = run_one(cell, backbone, out, options, tag=f"[{i}/{len(cells)}] {describe(cell)}")
+        if status == "ran":
             result.ran += 1
+        elif status == "skipped":
+            result.skipped += 1
+        else:
+            result.busy += 1
         result.records.extend(records)
     return result
 
 
-def _ensure_recorded(path: Path, records: list[dict[str, Any]]) -> None:
-    if records and records[0]["run_id"] not in recorded_run_ids(path):
-        append_records(path, records)
+def describe(cell: Cell) -> str:
+    return f"{cell.protocol} {cell.dataset} {method_label(cell.preset)} seed {cell.seed} shots {cell.shots}"
+
+
+def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions, tag: str | None = None
+            ) -> tuple[list[dict[str, Any]], str]:
+    """Run one cell of a grid unless it is finished; returns its records and ``"ran"``, ``"skipped"`` (finished
+    before) or ``"busy"`` (another process holds its claim; no records).
+
+    A finished cell has ``<run dir>/records.json`` (the done marker, written atomically after the run); its records
+    are then appended to ``<out>/records.jsonl`` unless already there, so a crash between the two steps is repaired
+    by the next run. Rank 0 decides and writes; other ranks follow its decisions.
+    """
+    out = Path(out)
+    tag = tag or describe(cell)
+    run_dir = cell.run_dir(out, backbone)
+    done = run_dir / "records.json"
+    main = distributed.is_main()
+    with _claim(run_dir) if main else contextlib.nullcontext(True) as claimed:
+        finished = json.loads(done.read_text()) if main and claimed and done.exists() else None
+        claimed, finished = distributed.broadcast_object((claimed, finished))
+        if not claimed:
+            options.log(f"{tag}: being run by another process ({run_dir / CLAIM_FILE} is locked), skipped")
+            return [], "busy"
+        if finished is not None:
+            if main:
+                append_records_once(out / RECORDS_FILE, finished)
+            options.log(f"{tag}: done, skipped")
+            return finished, "skipped"
+        options.log(f"{tag}: running in {run_dir}")
+        records = run_cell(cell, backbone, run_dir, options)
+        if main:
+            atomic_write_text(done, json.dumps(records, indent=2) + "\n")
+            append_records_once(out / RECORDS_FILE, records)
+        return records, "ran"
+
+
+CLAIM_FILE = ".claim"
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on ``run_dir/.claim`` for the duration of the block (False: held elsewhere).
+    The OS drops it when the process dies, so a killed run never leaves a stale claim."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / CLAIM_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cell_is_busy(run_dir: Path) -> bool:
+    """Whether another process holds the claim of ``run_dir`` right now."""
+    if not (run_dir / CLAIM_FILE).exists():
+        return False
+    with _claim(run_dir) as claimed:
+        return not claimed
 
 
 def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions) -> list[dict[str, Any]]:
     from .data import protocol_splits
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
+    if distributed.is_main():
+        atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
     started = time.perf_counter()
     subsample = "base" if cell.protocol == "base2novel" else "all"
     train_splits = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed,
@@ -287,10 +366,34 @@ def _evaluate(method, splits, backbone: Backbone, cell: Cell, options: RunOption
     from .data import make_loader
 
     data = _dataset(splits.test, backbone, train=False, seed=cell.seed, options=options)
-    loader = make_loader(data, batch_size=cell.preset.eval.batch_size, shuffle=False, seed=cell.seed)
     precision = options.precision or (cell.preset.train.precision if cell.preset.train else "auto")
+    if distributed.current() is not None:
+        return _evaluate_sharded(method, data, cell.preset.eval.batch_size, cell.seed, options, precision,
+                                 f"eval {splits.name}")
+    loader = make_loader(data, batch_size=cell.preset.eval.batch_size, shuffle=False, seed=cell.seed)
     return evaluate(method, loader, device=options.device, precision=precision, progress=options.progress,
                     desc=f"eval {splits.name}")
+
+
+def _evaluate_sharded(method, data, batch_size: int, seed: int, options: RunOptions, precision: str,
+                      desc: str) -> EvalResult:
+    """Data-parallel evaluation: whole batches of the single-process order round-robin over the ranks (so every
+    batch holds the same images as in one process), predictions gathered on every rank."""
+    from torch.utils.data import Subset
+
+    from .data import make_loader
+    from .evaluate import classification_metrics, predict_logits
+
+    ctx = distributed.current()
+    mine = distributed.batch_shard(len(data), batch_size, ctx.rank, ctx.world_size)
+    loader = make_loader(Subset(data, mine), batch_size=batch_size, shuffle=False, seed=seed)
+    logits, labels = predict_logits(method, loader, device=options.device, precision=precision,
+                                    progress=options.progress and ctx.is_main, desc=desc)
+    local = (mine, logits.argmax(dim=1).tolist(), labels.tolist() if labels is not None else [])
+    rows = sorted(row for part in distributed.all_gather_objects(local) for row in zip(*part, strict=True))
+    predictions = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    targets = torch.tensor([r[2] for r in rows], dtype=torch.long)
+    return classification_metrics(predictions, targets, list(method.classnames))
 
 
 def _record(cell: Cell, backbone: Backbone, run_dir: Path, dataset: str, eval_dataset: str, split: str,
@@ -350,4 +453,4 @@ def device_of(name: str) -> torch.device:
 
 
 __all__ = ["PROTOCOLS", "Backbone", "Cell", "RunOptions", "GridResult", "TrainConfig", "make_cells", "run_grid",
-           "run_cell", "run_protocol", "append_records", "load_trained"]
+           "run_one", "run_cell", "run_protocol", "append_records", "append_records_once", "load_trained"]
