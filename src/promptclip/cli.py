@@ -66,10 +66,11 @@ def _overrides(args) -> list[str]:
 
 
 def _options(args):
+    from .captions.cli import caption_extras
     from .protocols import RunOptions
 
     return RunOptions(root=getattr(args, "root", None), device=args.device, progress=not args.quiet,
-                      precision=getattr(args, "precision", None), log=_say)
+                      precision=getattr(args, "precision", None), log=_say, extras=caption_extras(args))
 
 
 def _preset_map(items: list[str] | None) -> dict[str, str]:
@@ -147,6 +148,10 @@ def cmd_train(args) -> int:
         raise ConfigError(f"preset {preset.name!r} is for method {preset.method!r}, not {args.method!r}")
     if preset.train is None:
         raise ConfigError(f"method {args.method!r} learns nothing; use `promptclip eval --method {args.method}`")
+    from .captions.cli import check_captions, split_groups
+
+    check_captions(args, preset.method, preset.method_config,
+                   split_groups(args, args.dataset, "train", args.shots, args.seed, args.subsample))
     backbone = _load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
     from .methods import create_method
@@ -188,6 +193,10 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"adapter {args.adapter} was trained with method {method.name!r}, not {args.method!r}")
     else:
         method = create_method(args.method, backbone.model, splits.classnames, template=splits.template)
+    from .captions.cli import check_captions, split_groups
+
+    check_captions(args, method.name, method.config,
+                   split_groups(args, args.dataset, "test", args.shots, args.seed, args.subsample))
     data = _dataset(splits.test, backbone, train=False, seed=args.seed, options=_options(args))
     result = evaluate(method, make_loader(data, batch_size=args.batch_size, shuffle=False, seed=args.seed),
                       device=args.device, precision=args.precision or "auto", progress=not args.quiet)
@@ -209,6 +218,9 @@ def cmd_run(args) -> int:
     shots = args.shots or default_shots(args.protocol)
     cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _preset_map(args.preset),
                        _overrides(args), args.targets)  # every name and key checked before loading weights
+    from .captions.cli import check_cells
+
+    check_cells(args, cells)  # methods that need per-image captions have them (before loading weights)
     if args.executor != "local":
         return _run_on_cluster(args, cells)
     backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
@@ -316,7 +328,10 @@ def cmd_predict(args) -> int:
     rows = []
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        for path, top in zip(chunk, predictor.predict(chunk, top_k=args.top_k), strict=True):
+        from .captions.cli import predict_batch
+
+        extras = predict_batch(args, chunk)  # per-image captions with --captions (mugcp)
+        for path, top in zip(chunk, predictor.predict(chunk, top_k=args.top_k, batch=extras), strict=True):
             rows.append({"path": str(path), "predictions": [
                 {"label": label, "probability": round(prob, 6)} for label, prob in top]})
     _say(_format_predictions(rows, args.format))
@@ -386,6 +401,9 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .captions.cli import add_captions_option
+    from .captions.cli import add_parser as add_captions_parser
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     common.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -422,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     config_args(p)
     p.add_argument("--out", required=True, help="run directory (resumed if it holds an interrupted run)")
+    add_captions_option(p)
     p.set_defaults(func=cmd_train)
 
     p = add("eval", "evaluate an adapter (or zero-shot CLIP) on a dataset's test split")
@@ -430,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--backbone", help="default: the adapter's backbone")
     p.add_argument("--batch-size", type=int, default=100)
+    add_captions_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = add("run", "run a protocol grid (methods x datasets x seeds x shots), resumable, then write the report")
@@ -445,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    add_captions_option(p)
     cluster = p.add_argument_group("cluster (submitit; pip install \"promptclip[slurm]\")")
     cluster.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
                          help="local: in this process (default); slurm: one SLURM job per grid cell; submitit-local: "
@@ -475,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    add_captions_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = add("data", "prepare or verify a benchmark dataset")
@@ -491,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="promptclip-demo")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_demo)
+    add_captions_parser(sub)
     return parser
 
 
