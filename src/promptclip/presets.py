@@ -159,6 +159,7 @@ _BASE_PRESETS = {
     "vpt": "vpt/vit_b16_c2_ep5_batch4_4",
     "promptsrc": "promptsrc/vit_b16_c2_ep20_batch4_4+4ctx",
     "dcp": "dcp/vit_b16_c2_ep20_batch4_16ctx",
+    "mugcp": "mugcp/inferred_vit_b16_ep5_batch4_4ctx",  # INFERRED design and recipe (docs/mugcp.md)
 }
 
 
@@ -178,7 +179,7 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if method == "promptsrc" and protocol == "fewshot":
         gpa = "gpa30_30" if dataset in _PROMPTSRC_GPA30 else "gpa45_5"
         return f"promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_{gpa}"
-    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc"):
+    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
         candidates = [p for p in list_presets() if p.startswith(f"{method}/")]

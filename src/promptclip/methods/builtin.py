@@ -2,7 +2,8 @@
 
 import importlib
 
-BUILTIN_METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "dcp")
+BUILTIN_METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "dcp",
+                         "mugcp")
 
 for _module in BUILTIN_METHOD_MODULES:
     importlib.import_module(f"{__package__}.{_module}")
