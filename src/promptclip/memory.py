@@ -32,7 +32,7 @@ still computed once and cached (:meth:`PromptMethod.class_features`); chunking o
 The policy in effect is scoped like ``torch.no_grad``: :func:`text_memory` sets it for the current thread (or
 asyncio task) and restores the previous one on exit; :func:`promptclip.train.fit` sets it from
 ``TrainConfig.text_memory`` / ``TrainConfig.text_chunk_tokens`` for the run. Outside any scope the default
-(``auto``, 2048 tokens) applies. Nothing here is global state shared between threads.
+(``auto``, 1024 tokens) applies. Nothing here is global state shared between threads.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import torch
 
 MODES = ("auto", "always", "off")
 #: Default token budget of one chunk: with ViT-B/16's text tower (width 512, 12 blocks) one chunk's activations
-#: are a few hundred MB in fp32 during the re-run (docs/performance.md, "Memory").
-DEFAULT_CHUNK_TOKENS = 2048
+#: take about 0.5 GB of CPU RSS in fp32 while one chunk is re-run (docs/performance.md, "Memory").
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 @dataclass(frozen=True)
