@@ -149,3 +149,21 @@ def test_slurm_submission_is_one_job_array_with_the_options(tmp_path, monkeypatc
         assert line in script, script
     assert "3 job(s) submitted" in capsys.readouterr().out
     assert not (out / "records.jsonl").exists()
+
+
+def test_a_cell_claimed_by_another_process_is_left_alone_and_records_are_appended_once(tmp_path):
+    from promptclip.api import load_backbone
+    from promptclip.protocols import _claim, append_records_once, run_grid
+
+    cells = make_cells("fewshot", ["eurosat-sample"], ["zeroshot"], [1], [1])
+    backbone = load_backbone("tiny", progress=False)
+    options = RunOptions(progress=False, log=lambda text: None)
+    with _claim(cells[0].run_dir(tmp_path, backbone)) as claimed:  # another open file: flock conflicts
+        assert claimed
+        busy = run_grid(cells, backbone, tmp_path, options)
+    assert (busy.busy, busy.ran, busy.records) == (1, 0, [])
+    assert not (tmp_path / "records.jsonl").exists()
+    done = run_grid(cells, backbone, tmp_path, options)
+    assert (done.busy, done.ran, len(done.records)) == (0, 1, 1)
+    assert not append_records_once(tmp_path / "records.jsonl", done.records)  # already there: nothing appended
+    assert records_of(tmp_path) == done.records
