@@ -245,7 +245,11 @@ def _run_on_cluster(args, cells) -> int:
         raise ConfigError(f"--executor {args.executor} submits jobs; start it once, not under torchrun (use "
                           "--gpus-per-job N for data-parallel jobs)")
     import_submitit(args.executor)  # says how to install it before any weights load
-    cluster = ClusterOptions(args.executor, args.executor_folder, args.partition, args.gpus_per_job,
+    gpus = args.gpus_per_job if args.gpus_per_job is not None else int(args.device.startswith("cuda"))
+    if gpus == 0 and args.device.startswith("cuda"):
+        raise ConfigError("--device cuda with --gpus-per-job 0: the jobs would have no GPU; use --gpus-per-job 1 (or "
+                          "more for data-parallel jobs) or --device cpu")
+    cluster = ClusterOptions(args.executor, args.executor_folder, args.partition, gpus,
                              args.cpus_per_job, args.mem_gb, args.time, args.array_parallelism, wait=not args.no_wait)
     source = args.backbone or "ViT-B/16"
     if Path(source).exists():
@@ -472,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "the same jobs as subprocesses of this machine")
     cluster.add_argument("--executor-folder", help="job scripts and logs (default OUT/submitit)")
     cluster.add_argument("--partition", help="SLURM partition")
-    cluster.add_argument("--gpus-per-job", type=int, default=0,
-                         help="GPUs per job (default 0); more than 1 trains the cell data-parallel over them")
+    cluster.add_argument("--gpus-per-job", type=int,
+                         help="GPUs per job (default 1 with --device cuda, else 0); more than 1 trains the cell "
+                              "data-parallel over them")
     cluster.add_argument("--cpus-per-job", type=int, help="CPUs per task")
     cluster.add_argument("--mem-gb", type=int, help="memory per job")
     cluster.add_argument("--time", type=int, default=24 * 60, help="time limit of one job, minutes (default 1440)")

@@ -62,9 +62,9 @@ class ClusterOptions:
     def __post_init__(self):
         if self.executor not in EXECUTORS[1:]:
             raise ConfigError(f"cluster executor must be one of {', '.join(EXECUTORS[1:])}, got {self.executor!r}")
-        for name in ("gpus_per_job", "time_min", "array_parallelism"):
-            if getattr(self, name) < (0 if name == "gpus_per_job" else 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name, minimum in (("gpus_per_job", 0), ("time_min", 1), ("array_parallelism", 1)):
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(self, name)}")
 
 
 @dataclass
