@@ -167,3 +167,18 @@ def test_a_cell_claimed_by_another_process_is_left_alone_and_records_are_appende
     assert (done.busy, done.ran, len(done.records)) == (0, 1, 1)
     assert not append_records_once(tmp_path / "records.jsonl", done.records)  # already there: nothing appended
     assert records_of(tmp_path) == done.records
+
+
+def test_a_job_with_two_tasks_trains_its_cell_data_parallel(tmp_path):
+    """--gpus-per-job N runs N tasks per job; here 2 CPU tasks (gloo) through submitit's LocalExecutor."""
+    from promptclip.api import load_backbone
+
+    cells = make_cells("fewshot", ["eurosat-sample"], ["coop"], [1], [2],
+                       overrides=["train.max_epoch=1", "train.batch_size=4", "train.precision=fp32"])
+    result = submit_grid(cells, load_backbone("tiny", progress=False), "tiny", tmp_path,
+                         RunOptions(progress=False, log=lambda text: None),
+                         ClusterOptions("submitit-local", tasks_per_job=2))
+    assert not result.failed and len(records_of(tmp_path)) == 1
+    assert len(list((tmp_path / "submitit").glob("*_result.pkl"))) == 2  # both tasks ran the cell
+    state = json.loads(next(tmp_path.glob("runs/*/*/*/*/*/train_state.json")).read_text())
+    assert state["history"][0]["steps"] == 20 // 8  # 20 images, global batch 2 x 4: one data-parallel run

@@ -110,7 +110,8 @@ def make_executor(cluster: ClusterOptions, folder: Path):
 
 
 def _job_log(text: str) -> None:
-    print(text, flush=True)
+    if distributed.is_main():
+        print(text, flush=True)
 
 
 def run_cell_job(cell: Cell, backbone_source: str, fingerprint: str, out: str, options: RunOptions
