@@ -187,3 +187,33 @@ def test_zero_shot_has_nothing_to_train(backbone):
     method = create_method("zeroshot", backbone, ["a", "b"])
     with pytest.raises(Exception, match="nothing to train"):
         fit(method, Separable(n=4, classes=2), small_config(), progress=False)
+
+
+def test_crash_between_state_writes_resumes_from_the_previous_consistent_epoch(backbone, tmp_path, monkeypatch):
+    from promptclip import train as train_module
+
+    data = Separable()
+    straight = coop(backbone)
+    fit(straight, data, small_config(), out_dir=tmp_path / "straight", progress=False)
+
+    real_write = train_module.atomic_write_text
+    writes = {"n": 0}
+
+    def crash_on_second_state_json(path, text):
+        writes["n"] += 1
+        if writes["n"] == 2:  # epoch 2's tensors are on disk, its JSON is not
+            raise KeyboardInterrupt
+        real_write(path, text)
+
+    monkeypatch.setattr(train_module, "atomic_write_text", crash_on_second_state_json)
+    with pytest.raises(KeyboardInterrupt):
+        fit(coop(backbone), data, small_config(), out_dir=tmp_path / "crashed", progress=False)
+    monkeypatch.setattr(train_module, "atomic_write_text", real_write)
+    state = json.loads((tmp_path / "crashed" / "train_state.json").read_text())
+    assert state["epoch"] == 0 and (tmp_path / "crashed" / state["tensors"]).exists()
+    resumed = coop(backbone)
+    result = fit(resumed, data, small_config(), out_dir=tmp_path / "crashed", progress=False)
+    assert result.resumed_from_epoch == 0
+    assert torch.equal(resumed.ctx, straight.ctx)
+    assert [p.name for p in (tmp_path / "crashed").glob("train_state-epoch*.safetensors")] == [
+        "train_state-epoch2.safetensors"]

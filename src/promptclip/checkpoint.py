@@ -2,9 +2,9 @@
 
 An adapter is two files side by side: ``<name>.safetensors`` with only the method's learnable tensors, and
 ``<name>.json`` with the method, its config, the backbone (name and fingerprint), the class names, the template and
-the package version. Training state for resuming (``train_state.safetensors`` + ``train_state.json``) adds the
-optimizer's momentum buffers and the method's extra state; the JSON is written last and names the epoch, so a
-crash never leaves a half-written state that looks complete.
+the package version. Training state for resuming (``train_state.json`` naming ``train_state-epoch<E>.safetensors``)
+adds the optimizer's momentum buffers and the method's extra state; the JSON is written last and names the epoch
+and its tensors file, so a crash never leaves a half-written state that looks complete.
 """
 
 from __future__ import annotations

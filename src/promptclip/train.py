@@ -30,7 +30,7 @@ from .memory import DEFAULT_CHUNK_TOKENS, TextMemory, text_memory
 from .precision import autocast, resolve_precision
 
 TRAIN_STATE_JSON = "train_state.json"
-TRAIN_STATE_TENSORS = "train_state.safetensors"
+TRAIN_STATE_TENSORS = "train_state-epoch{epoch}.safetensors"
 ADAPTER_STEM = "adapter"
 
 
@@ -288,10 +288,16 @@ def _save_train_state(out: Path, method, optimizer, config, epoch, history, fini
             if buf is not None:
                 tensors[f"momentum.{names[id(p)]}"] = buf
     tensors.update({f"extra.{k}": v for k, v in method.extra_state().items()})
-    atomic_save_tensors(tensors, out / TRAIN_STATE_TENSORS)
+    # The tensors go to a file named by the epoch and the JSON, written last, points to it: a crash between the two
+    # writes leaves the previous epoch's JSON and tensors intact and consistent.
+    name = TRAIN_STATE_TENSORS.format(epoch=epoch)
+    atomic_save_tensors(tensors, out / name)
     meta = {"method": method.name, "method_config": to_dict(method.config), "train": to_dict(config),
-            "epoch": epoch, "finished": finished, "history": history}
+            "epoch": epoch, "finished": finished, "tensors": name, "history": history}
     atomic_write_text(out / TRAIN_STATE_JSON, json.dumps(meta, indent=2) + "\n")
+    for old in out.glob(TRAIN_STATE_TENSORS.format(epoch="*")):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def _read_train_state(out: Path, method, config) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | str | None:
@@ -305,7 +311,7 @@ def _read_train_state(out: Path, method, config) -> tuple[dict[str, Any], dict[s
             or train_identity(meta["train"]) != train_identity(config):
         return (f"{out} holds a run of another method or configuration ({meta['method']}); "
                 "use another output directory or delete it to start over")
-    return meta, load_file(out / TRAIN_STATE_TENSORS)
+    return meta, load_file(out / meta["tensors"])
 
 
 def _apply_train_state(method, optimizer, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
