@@ -115,6 +115,13 @@ def test_data_verify_command(capsys, tmp_path):
     assert "dtd" in capsys.readouterr().out.lower()
 
 
+def test_data_prepare_without_download_prints_the_manual_steps_once(capsys, tmp_path):
+    assert main(["data", "prepare", "sun397", "--root", str(tmp_path), "--no-download", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("prepare sun397") == 1
+    assert "manual steps:" in out and "status: manual" in out
+
+
 def test_killed_grid_resumes_without_duplicate_or_lost_records(tmp_path, monkeypatch):
     out = tmp_path / "grid"
     argv = ["run", "base2novel", "--methods", "zeroshot", "coop", "--datasets", "eurosat-sample", "--seeds", "1", "2",

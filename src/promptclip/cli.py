@@ -393,10 +393,10 @@ def cmd_data(args) -> int:
     from .data import prepare, verify
 
     if args.action == "prepare":
-        report = prepare(args.name, args.root, download=not args.no_download, progress=not args.quiet)
+        report = prepare(args.name, args.root, download=not args.no_download, progress=not args.quiet, quiet=True)
         _say(str(report))
         return 0 if report.status in ("ok", "manual") else 1
-    report = verify(args.name, args.root)
+    report = verify(args.name, args.root, quiet=True)
     _say(str(report))
     return 0 if report.ok else 1
 
