@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from processes import descendants
 from promptclip.cli import main
 from promptclip.cluster import ClusterOptions, submit_grid
 from promptclip.protocols import RunOptions, make_cells
@@ -67,20 +68,6 @@ def test_submitit_jobs_write_the_records_of_the_local_grid(local_records, tmp_pa
     assert records_of(out) == before and len(list((out / "submitit").glob("*_submitted.pkl"))) == 2
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def test_killed_grid_resumes_without_duplicate_or_lost_records(local_records, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from processes import descendants
 from promptclip.cli import main
 from promptclip.clip.architectures import build_random
 from promptclip.data import load_splits
@@ -49,21 +50,6 @@ def run_dir(out: Path) -> Path:
     return found[0]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in their own sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_job(pid: int) -> None:
