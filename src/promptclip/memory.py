@@ -38,12 +38,13 @@ asyncio task) and restores the previous one on exit; :func:`promptclip.train.fit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 
 MODES = ("auto", "always", "off")
 #: Default token budget of one chunk: with ViT-B/16's text tower (width 512, 12 blocks) one chunk's activations
@@ -121,3 +122,16 @@ def plan_text_pass(num_sequences: int, tokens: int, chunk_size: int | None = Non
 
 
 __all__ = ["TextMemory", "TextPlan", "text_memory", "current_text_memory", "plan_text_pass", "DEFAULT_CHUNK_TOKENS"]
+
+
+def run_in_chunks(run: Callable[[int, int], torch.Tensor], total: int, step: int, checkpoint: bool) -> torch.Tensor:
+    """``run(start, stop)`` over ``0..total`` in steps of ``step``, each call checkpointed when asked (so the forward
+    keeps nothing of a chunk but its inputs), results concatenated along dim 0."""
+    parts = []
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        if checkpoint:
+            parts.append(torch.utils.checkpoint.checkpoint(run, start, stop, use_reentrant=False))
+        else:
+            parts.append(run(start, stop))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

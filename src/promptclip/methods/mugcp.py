@@ -51,14 +51,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from ..clip.model import eot_positions, truncate_after_eot
 from ..clip.tokenizer import get_tokenizer
 from ..config import from_dict
 from ..errors import ConfigError, DataError
-from ..memory import plan_text_pass
+from ..memory import plan_text_pass, run_in_chunks
 from .base import PromptMethod, cosine_logits, register
 from .deep import text_context
 from .prompts import (
@@ -489,14 +488,7 @@ class MuGCP(PromptMethod):
             x = text.embed(token_embeds=truncate_after_eot(embeds, eot))
             return text.pool(text.forward_blocks(x, hook), eot)
 
-        feats = []
-        for start in range(0, batch, per_chunk):
-            stop = min(start + per_chunk, batch)
-            if plan.checkpoint:
-                feats.append(torch.utils.checkpoint.checkpoint(run, start, stop, use_reentrant=False))
-            else:
-                feats.append(run(start, stop))
-        return torch.cat(feats).view(batch, num_classes, -1)
+        return run_in_chunks(run, batch, per_chunk, plan.checkpoint).view(batch, num_classes, -1)
 
     # -- forward and loss ------------------------------------------------------------------------------------------
 

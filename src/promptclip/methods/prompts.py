@@ -7,11 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 
 from ..clip.model import CLIP, Hook, eot_positions, truncate_after_eot
 from ..clip.tokenizer import get_tokenizer, tokenize
-from ..memory import plan_text_pass
+from ..memory import plan_text_pass, run_in_chunks
 
 
 @dataclass
@@ -86,14 +85,7 @@ def encode_text_embeddings(clip: CLIP, token_embeds: torch.Tensor | InstanceProm
         # Rows are sliced (or built) inside the pass, so a checkpoint keeps neither them nor any activation.
         return _encode_chunk(clip, token_embeds[start:stop], eot[start:stop], hook)
 
-    parts = []
-    for start in range(0, num, step):
-        stop = min(start + step, num)
-        if plan.checkpoint:
-            parts.append(torch.utils.checkpoint.checkpoint(run, start, stop, use_reentrant=False))
-        else:
-            parts.append(run(start, stop))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return run_in_chunks(run, num, step, plan.checkpoint)
 
 
 def _encode_chunk(clip: CLIP, token_embeds: torch.Tensor, eot: torch.Tensor, hook: Hook | None) -> torch.Tensor:
