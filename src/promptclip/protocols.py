@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from .checkpoint import atomic_write_text, load_adapter
 from .config import to_dict
 from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
+from .jsonl import cut_torn_tail, write_json_lines
 from .presets import Preset, apply_overrides, default_preset, load_preset
 from .train import ADAPTER_STEM, TrainConfig, fit, train_identity
 
@@ -185,18 +185,8 @@ def _locked(path: Path) -> Iterator[Any]:
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Append whole lines under an exclusive lock; a torn last line left by a crash is cut off first."""
     with _locked(path) as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        if size:
-            handle.seek(max(0, size - 65536))
-            tail = handle.read()
-            if not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
-        handle.seek(0, os.SEEK_END)
-        handle.write(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
-        handle.flush()
-        os.fsync(handle.fileno())
+        cut_torn_tail(handle)
+        write_json_lines(handle, records)
 
 
 def append_records_once(path: Path, records: list[dict[str, Any]]) -> bool:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..jsonl import cut_torn_tail, write_json_lines
 
 __all__ = ["CaptionEntry", "CaptionSet", "CacheWriter", "load_captions", "read_caption_file", "provenance_key",
            "sha256_text", "CaptionExtras", "PROVENANCE_FIELDS"]
@@ -236,28 +237,10 @@ class CacheWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "a+b")  # noqa: SIM115 - closed in close()/__exit__
-        self._repair()
-
-    def _repair(self) -> None:
-        handle = self._handle
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        if not size:
-            return
-        handle.seek(max(0, size - 65536))
-        tail = handle.read()
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n")
-            handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
-        handle.seek(0, os.SEEK_END)
+        cut_torn_tail(self._handle)
 
     def append(self, objects: Sequence[Mapping[str, Any]]) -> None:
-        if not objects:
-            return
-        data = b"".join(json.dumps(o, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for o in objects)
-        self._handle.write(data)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        write_json_lines(self._handle, objects)
 
     def close(self) -> None:
         self._handle.close()

@@ -1,0 +1,30 @@
+"""Append-only JSONL files that survive crashes: a torn last line is cut before appending, and each append is one
+write of whole lines, flushed and fsynced. Used by result records and caption caches."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import IO, Any
+
+
+def cut_torn_tail(handle: IO[bytes]) -> None:
+    """Truncate a partial last line (left by a crash mid-write) and leave the position at the end of the file."""
+    handle.seek(0, os.SEEK_END)
+    size = handle.tell()
+    if size:
+        handle.seek(max(0, size - 65536))
+        tail = handle.read()
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
+    handle.seek(0, os.SEEK_END)
+
+
+def write_json_lines(handle: IO[bytes], objects: Iterable[Mapping[str, Any]]) -> None:
+    data = b"".join(json.dumps(o, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for o in objects)
+    if data:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
