@@ -32,13 +32,7 @@ from promptclip.errors import ConfigError, DataError
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on shared cores, intra-op thread synchronisation costs far more than the work (50x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WORDS = ["a", "the", "of", "with", "and", "green", "brown", "grey", "blue", "dark", "bright", "field", "fields",
          "forest", "river", "road", "houses", "water", "trees", "texture", "pattern", "lines", "small", "large",

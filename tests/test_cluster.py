@@ -25,15 +25,13 @@ GRID = ["run", "fewshot", "--methods", "coop", "--datasets", "eurosat-sample", "
 VOLATILE = ("run_dir", "seconds", "created")
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Jobs and the in-process grid compute with one thread each (identical float reductions; no oversubscription
-    of a small machine by concurrent jobs)."""
+def one_thread_per_job(monkeypatch):
+    """Jobs compute with one thread each, like the in-process grid (no oversubscription of a small machine)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def records_of(out: Path) -> list[dict]:

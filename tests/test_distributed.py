@@ -28,14 +28,7 @@ COMMON = ["fewshot", "--methods", "coop", "--datasets", "eurosat-sample", "--sho
           "--set", "train.precision=fp32", "--set", "train.lr=0.05", "--set", "train.warmup_epoch=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process reference run uses one thread, as each torchrun worker does (OMP_NUM_THREADS=1): on a busy
-    2-core machine, several spinning OpenMP threads per process are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def torchrun(*args: str) -> list[str]:

@@ -22,13 +22,7 @@ CLASSES = ["annual crop land", "forest", "sea or lake"]
 FAST = {"depth": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on shared cores, intra-op thread synchronisation costs far more than the work (50x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from promptclip.cli import main
 from promptclip.data import load_splits
@@ -19,13 +18,7 @@ FAST = ["--backbone", "tiny", "--quiet", "--no-plots", "--set", "train.max_epoch
         "method_config.depth=3", "--shots", "2", "--seeds", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on shared cores, intra-op thread synchronisation costs far more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
