@@ -19,10 +19,12 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 def method_golden_names() -> list[str]:
-    """Every golden that records a reference method run (has a ``provenance`` and a ``trainable_params`` list)."""
+    """Every one-step golden: ``<method>.json`` with a ``provenance`` and a ``trainable_params`` list.
+
+    ``<method>.<kind>.json`` files (layers, trajectory, dassl) are companions of it, not one-step goldens."""
     names = []
     for path in sorted(GOLDEN_DIR.glob("*.json")):
-        if path.name.endswith(".layers.json"):
+        if "." in path.stem:
             continue
         meta = json.loads(path.read_text())
         if isinstance(meta, dict) and "provenance" in meta and "trainable_params" in meta:
