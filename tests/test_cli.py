@@ -239,3 +239,20 @@ def test_grid_without_matplotlib_writes_tables_and_says_how_to_get_plots(tmp_pat
     assert main(argv) == 0
     assert 'pip install "promptclip[plot]"' in capsys.readouterr().out
     assert (tmp_path / "report" / "report.md").exists() and not list((tmp_path / "report").glob("*.png"))
+
+
+def test_train_replays_an_explicit_batch_order(tmp_path, capsys):
+    order_file, run = tmp_path / "order.json", tmp_path / "run"
+    # --shots 2 on the 5 base classes: 10 training images; two epochs of explicit batches of 3 and 7, then 10.
+    order = [[[9, 0, 4], [1, 2, 3, 5, 6, 7, 8]], [[5, 6, 7, 8, 9, 0, 1, 2, 3, 4]]]
+    order_file.write_text(json.dumps({"orders": order}))
+    argv = ["train", "--method", "coop", "--dataset", "eurosat-sample", "--subsample", "base", "--shots", "2",
+            "--backbone", "tiny", "--quiet", "--set", "train.max_epoch=2", "--batch-order", str(order_file)]
+    assert main([*argv, "--out", str(run)]) == 0
+    state = json.loads((run / "train_state.json").read_text())
+    assert [r["steps"] for r in state["history"]] == [2, 1] and state["batch_order"]
+    order_file.write_text(json.dumps([[[0, 10]], [[1]]]))
+    assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "epoch 1, batch 1 has index 10" in err and "10 samples" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -142,6 +142,11 @@ def cmd_train(args) -> int:
     from .protocols import _dataset
     from .train import fit
 
+    batch_order = None
+    if args.batch_order:
+        from .data.loader import read_batch_order
+
+        batch_order = read_batch_order(args.batch_order)
     preset = apply_overrides(load_preset(args.preset or default_preset("fewshot", args.method, args.dataset,
                                                                         args.shots)), _overrides(args))
     if preset.method != args.method:
@@ -163,7 +168,7 @@ def cmd_train(args) -> int:
          f"{splits.num_classes} classes, seed {args.seed} -> {out}")
     data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args))
     result = fit(method, data, preset.train, out_dir=out, device=args.device, progress=not args.quiet,
-                 backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint)
+                 backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, batch_order=batch_order)
     if result.adapter_path is None:
         result.adapter_path = save_adapter(out / "adapter", method, backbone.name, backbone.fingerprint)
     _say(f"adapter: {result.adapter_path} (+ .json), {method.num_trainable():,} learned values")
@@ -444,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     config_args(p)
     p.add_argument("--out", required=True, help="run directory (resumed if it holds an interrupted run)")
+    p.add_argument("--batch-order", metavar="FILE",
+                   help="JSON list of epochs, each a list of batches of indices into the training split (in its "
+                        "listed order), replacing the seeded shuffle: replays another run's order or a curriculum")
     add_captions_option(p)
     p.set_defaults(func=cmd_train)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,14 +56,18 @@ def predict_logits(method, batches: Iterable[Mapping[str, Any]], device: str | t
     """Logits for every batch (and the labels when batches carry them)."""
     method.eval()
     all_logits, all_labels = [], []
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
-    for batch in bar:
+    # Advanced by hand: tqdm.auto's bar calls iter() on what it wraps when created (a second loader pass).
+    bar = tqdm(total=len(batches) if isinstance(batches, Sized) else None, desc=desc, disable=not progress,
+               leave=False, unit="batch")
+    for batch in batches:
         batch = move_batch(batch, device)
         with autocast(precision, device):
             logits = method(batch)
         all_logits.append(logits.float().cpu())
         if "label" in batch:
             all_labels.append(batch["label"].cpu())
+        bar.update(1)
+    bar.close()
     logits = torch.cat(all_logits) if all_logits else torch.zeros(0, method.num_classes)
     labels = torch.cat(all_labels) if all_labels else None
     return logits, labels

@@ -9,10 +9,11 @@ writes state and adapters."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -101,13 +102,55 @@ class FitResult:
     resumed_from_epoch: int | None = None
 
 
-def make_train_loader(data: Dataset, config: TrainConfig):
+#: Dassl ``OPTIM`` values that promptclip's engine reproduces (anything else is refused, never approximated).
+_DASSL_FIXED = {"NAME": "sgd", "LR_SCHEDULER": "cosine", "WARMUP_TYPE": "constant", "STAGED_LR": False,
+                "SGD_DAMPNING": 0, "SGD_NESTEROV": False}
+
+
+def train_config_from_dassl(optim: Mapping[str, Any], batch_size: int, **overrides: Any) -> TrainConfig:
+    """Our TrainConfig for a Dassl run: its ``cfg.OPTIM`` (as a dict) and ``DATALOADER.TRAIN_X.BATCH_SIZE``.
+
+    ``overrides`` set other TrainConfig fields (precision, seed, ...). An optimizer, scheduler or warm-up that the
+    engine does not implement is a :class:`ConfigError` naming the option."""
+    from .errors import ConfigError
+
+    for key, expected in _DASSL_FIXED.items():
+        if key in optim and optim[key] != expected:
+            raise ConfigError(f"Dassl option OPTIM.{key}={optim[key]!r} is not supported (promptclip trains with "
+                              f"{key}={expected!r})")
+    warmup = int(optim.get("WARMUP_EPOCH", 0))
+    if warmup > 0 and optim.get("WARMUP_RECOUNT", True) is not True:
+        raise ConfigError("Dassl option OPTIM.WARMUP_RECOUNT=False is not supported (the cosine restarts after "
+                          "warm-up, as with Dassl's default True)")
+    values = {"batch_size": int(batch_size), "lr": float(optim["LR"]), "max_epoch": int(optim["MAX_EPOCH"]),
+              "warmup_epoch": warmup, "warmup_lr": float(optim.get("WARMUP_CONS_LR", 1e-5)),
+              "momentum": float(optim.get("MOMENTUM", 0.9)), "weight_decay": float(optim.get("WEIGHT_DECAY", 5e-4))}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def batch_order_digest(order: Sequence[Sequence[Sequence[int]]] | None) -> str | None:
+    """A short hash of an explicit batch order (part of a run's identity: a resumed run must replay the same one)."""
+    if order is None:
+        return None
+    return hashlib.sha256(json.dumps(order, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def make_train_loader(data: Dataset, config: TrainConfig,
+                      batch_order: Sequence[Sequence[Sequence[int]]] | None = None):
     """Shuffled batches whose order depends only on (seed, epoch): a resumed run sees the same order.
 
+    With ``batch_order`` (``batch_order[e][k]``: the dataset indices of batch ``k`` of epoch ``e``) exactly those
+    batches, in that order (:class:`promptclip.data.loader.ExplicitBatchSampler`).
     Data-parallel: this rank's share of each global batch of the same order (:class:`ShardedSeededSampler`)."""
-    from .data.loader import PromptLoader, collate_samples, make_loader, sample_seed
+    from .data.loader import ExplicitBatchSampler, PromptLoader, collate_samples, make_loader, sample_seed
 
     ctx = distributed.current()
+    if batch_order is not None:
+        rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
+        sampler = ExplicitBatchSampler(batch_order, len(data), rank, world)
+        return PromptLoader(data, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_samples,
+                            generator=torch.Generator().manual_seed(sample_seed(config.seed, 0, -2)))
     if ctx is None:
         drop_last = config.drop_last and len(data) >= config.batch_size
         return make_loader(data, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
@@ -129,8 +172,19 @@ def make_optimizer(method, config: TrainConfig) -> torch.optim.SGD:
 def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
         device: str | torch.device = "cpu", progress: bool = True, resume: bool = True,
         backbone_name: str = "unknown", backbone_fingerprint: str = "unknown",
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        batch_order: Sequence[Sequence[Sequence[int]]] | None = None) -> FitResult:
     """Train ``method`` on ``train_data`` (a Dataset of batch dicts with ``image`` and ``label``).
+
+    ``batch_order`` replaces the seeded shuffle with explicit batches: ``batch_order[e][k]`` lists the dataset indices
+    of batch ``k`` of epoch ``e``, for every one of ``config.max_epoch`` epochs (e.g. to replay another tool's run,
+    or a curriculum); batch sizes are those of the lists, nothing is dropped. A resumed run must get the same order.
+
+    ``on_step(record)`` is called after every optimizer step with ``epoch`` and ``step`` (1-based; ``step`` counts
+    the run's optimizer steps), ``batch`` (1-based within the epoch), ``batches`` (in the epoch), ``lr`` (the rate
+    the step used), ``batch_size``, ``acc`` (percent, this batch) and every loss term as a float;
+    ``on_epoch(record)`` after each epoch's end-of-epoch logic, with the epoch's means.
 
     With ``out_dir`` the state is saved after every epoch and a rerun resumes from the last finished epoch;
     the final adapter is written to ``out_dir/adapter.safetensors`` (+ ``.json``).
@@ -146,6 +200,14 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
     if method.num_trainable() == 0:
         raise PromptClipError(f"method {method.name!r} has nothing to train; evaluate it directly")
     method.on_train_start(config.max_epoch)
+    if batch_order is not None:
+        from .data.loader import check_batch_order
+
+        batch_order = check_batch_order(batch_order, len(train_data))
+        if len(batch_order) != config.max_epoch:
+            raise PromptClipError(f"the batch order has {len(batch_order)} epoch(s), the run has max_epoch="
+                                  f"{config.max_epoch}; give one list of batches per epoch")
+    order_digest = batch_order_digest(batch_order)
     optimizer = make_optimizer(method, config)
     scaler = _grad_scaler(config.precision, device)
     out = Path(out_dir) if out_dir is not None else None
@@ -153,7 +215,7 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
     start_epoch = 0
     state = None
     if out is not None and resume:
-        state = _read_train_state(out, method, config) if main else None
+        state = _read_train_state(out, method, config, order_digest) if main else None
         state = distributed.broadcast_object(state)  # single process: unchanged
         if isinstance(state, str):  # the saved state cannot be resumed: every rank stops with the same message
             raise PromptClipError(state)
@@ -165,15 +227,18 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
             return result
         start_epoch = meta["epoch"] + 1
 
-    loader = make_train_loader(train_data, config)
+    loader = make_train_loader(train_data, config, batch_order)
+    steps_before = sum(r["steps"] for r in result.history)
     with text_memory(config.memory_policy()):
         for epoch in range(start_epoch, config.max_epoch):
             loader.set_epoch(epoch)
-            record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress and main, ctx)
+            record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress and main, ctx,
+                                on_step, steps_before)
+            steps_before += record["steps"]
             method.on_epoch_end(epoch, config.max_epoch)
             result.history.append(record)
             if out is not None and main:
-                _save_train_state(out, method, optimizer, config, epoch, result.history, finished=False)
+                _save_train_state(out, method, optimizer, config, epoch, result.history, False, order_digest)
             if on_epoch is not None:
                 on_epoch(record)
 
@@ -183,7 +248,7 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
         if main:
             save_adapter(out / ADAPTER_STEM, method, backbone_name, backbone_fingerprint,
                          extra={"train": to_dict(config), "history": result.history})
-            _save_train_state(out, method, optimizer, config, config.max_epoch - 1, result.history, finished=True)
+            _save_train_state(out, method, optimizer, config, config.max_epoch - 1, result.history, True, order_digest)
         distributed.barrier()  # fit returns on every rank once the adapter is on disk
     return result
 
@@ -194,7 +259,8 @@ def _grad_scaler(precision: str, device: torch.device):
     return None
 
 
-def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress, ctx=None) -> dict[str, Any]:
+def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress, ctx=None, on_step=None,
+               steps_before: int = 0) -> dict[str, Any]:
     lr = dassl_lr(epoch, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -202,8 +268,12 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
     totals: dict[str, float] = {}
     correct = seen = steps = 0
     started = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.max_epoch}", disable=not progress, leave=False, unit="batch")
-    for step, batch in enumerate(bar):
+    batches = len(loader)
+    # The bar is advanced by hand: tqdm.auto's bar calls iter() on what it wraps when it is created, which would start
+    # a second pass over the loader (and its worker processes) and move the loader's epoch counter on by one.
+    bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{config.max_epoch}", disable=not progress, leave=False,
+               unit="batch")
+    for step, batch in enumerate(loader):
         batch = move_batch(batch, device)
         with autocast(config.precision, device):
             logits = method(batch)
@@ -219,11 +289,17 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
             values, size, hits = _data_parallel_step(method, optimizer, scaler, loss, losses, hits,
                                                      len(batch["label"]), config.grad_clip, epoch, step)
         steps += 1
+        if on_step is not None:
+            on_step({"epoch": epoch + 1, "step": steps_before + steps, "batch": step + 1, "batches": batches,
+                     "lr": optimizer.param_groups[0]["lr"], "batch_size": size, "acc": 100 * hits / max(size, 1),
+                     **values})
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value
         correct += hits
         seen += size
+        bar.update(1)
         bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.2e}")
+    bar.close()
     if steps == 0:
         raise PromptClipError("the training data produced no batch (is the dataset empty?)")
     record = {"epoch": epoch + 1, "lr": lr, "train_acc": 100 * correct / seen, "steps": steps,
@@ -279,7 +355,8 @@ def _clip_and_step(method, optimizer, scaler, grad_clip) -> None:
         optimizer.step()
 
 
-def _save_train_state(out: Path, method, optimizer, config, epoch, history, finished: bool) -> None:
+def _save_train_state(out: Path, method, optimizer, config, epoch, history, finished: bool,
+                      order_digest: str | None = None) -> None:
     tensors = {f"param.{n}": p for n, p in method.named_trainable()}
     names = {id(p): n for n, p in method.named_trainable()}
     for group in optimizer.param_groups:
@@ -293,14 +370,15 @@ def _save_train_state(out: Path, method, optimizer, config, epoch, history, fini
     name = TRAIN_STATE_TENSORS.format(epoch=epoch)
     atomic_save_tensors(tensors, out / name)
     meta = {"method": method.name, "method_config": to_dict(method.config), "train": to_dict(config),
-            "epoch": epoch, "finished": finished, "tensors": name, "history": history}
+            "epoch": epoch, "finished": finished, "tensors": name, "history": history, "batch_order": order_digest}
     atomic_write_text(out / TRAIN_STATE_JSON, json.dumps(meta, indent=2) + "\n")
     for old in out.glob(TRAIN_STATE_TENSORS.format(epoch="*")):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
-def _read_train_state(out: Path, method, config) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | str | None:
+def _read_train_state(out: Path, method, config, order_digest: str | None = None
+                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | str | None:
     """The saved state of ``out`` (None: nothing saved; a string: why it cannot be resumed)."""
     from safetensors.torch import load_file
 
@@ -311,6 +389,9 @@ def _read_train_state(out: Path, method, config) -> tuple[dict[str, Any], dict[s
             or train_identity(meta["train"]) != train_identity(config):
         return (f"{out} holds a run of another method or configuration ({meta['method']}); "
                 "use another output directory or delete it to start over")
+    if meta.get("batch_order") != order_digest:
+        return (f"{out} holds a run with another batch order (saved {meta.get('batch_order') or 'seeded shuffle'}, "
+                f"now {order_digest or 'seeded shuffle'}); use another output directory or delete it to start over")
     return meta, load_file(out / meta["tensors"])
 
 

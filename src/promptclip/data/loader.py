@@ -16,6 +16,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,8 @@ from ..clip.transforms import to_rgb
 from ..errors import DataError
 from .records import Record
 
-__all__ = ["ImageDataset", "make_loader", "PromptLoader", "SeededShuffleSampler", "SkippedSample", "sample_seed",
-           "collate_samples", "open_image"]
+__all__ = ["ImageDataset", "TensorDataset", "make_loader", "PromptLoader", "SeededShuffleSampler",
+           "ExplicitBatchSampler", "SkippedSample", "sample_seed", "collate_samples", "open_image"]
 
 log = logging.getLogger("promptclip.data")
 
@@ -134,6 +135,24 @@ class ImageDataset(Dataset):
         return item
 
 
+class TensorDataset(Dataset):
+    """Images that are already tensors (preprocessed, normalised) with their labels, as batch-dict items:
+    ``image``, ``label``, ``index``. For data that does not come from files (replays, features, tests)."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
+            raise DataError(f"TensorDataset needs images [N, 3, H, W] and labels [N], got {tuple(images.shape)} and "
+                            f"{tuple(labels.shape)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": int(self.labels[index]), "index": index}
+
+
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images, labels and indices; keep paths and non-tensor extras as lists; drop skipped samples."""
     skipped = [it[_SKIPPED_KEY] for it in items if _SKIPPED_KEY in it]
@@ -175,6 +194,78 @@ class SeededShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+class ExplicitBatchSampler(Sampler[list[int]]):
+    """Batches given as index lists: ``order[e][k]`` is the list of dataset indices of batch ``k`` of epoch ``e``.
+
+    Replays another run's exact order (e.g. a reference trainer's), or a curriculum. Batch sizes are the lists'
+    lengths; nothing is shuffled or dropped. Data-parallel (``rank``/``world_size``): each listed batch is a global
+    batch, dealt to the ranks as ``batch[rank::world_size]`` (the same rule as :class:`ShardedSeededSampler`).
+    """
+
+    def __init__(self, order: Sequence[Sequence[Sequence[int]]], dataset_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.order = check_batch_order(order, dataset_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if not 0 <= epoch < len(self.order):
+            raise DataError(f"the batch order has {len(self.order)} epoch(s); epoch {epoch + 1} has no batches")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order[self.epoch])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.order[self.epoch]:
+            yield list(batch[self.rank::self.world_size])
+
+
+def check_batch_order(order: Any, dataset_size: int, where: str = "batch order") -> list[list[list[int]]]:
+    """``order`` as plain lists, or a :class:`DataError` naming the first bad epoch, batch or index."""
+    if not isinstance(order, Sequence) or isinstance(order, str) or not order:
+        raise DataError(f"{where}: expected a non-empty list of epochs, each a list of batches of dataset indices")
+    checked = []
+    for e, epoch in enumerate(order):
+        if not isinstance(epoch, Sequence) or isinstance(epoch, str) or not epoch:
+            raise DataError(f"{where}: epoch {e + 1} must be a non-empty list of batches")
+        batches = []
+        for k, batch in enumerate(epoch):
+            if not isinstance(batch, Sequence) or isinstance(batch, str) or not batch:
+                raise DataError(f"{where}: epoch {e + 1}, batch {k + 1} must be a non-empty list of indices")
+            for i in batch:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < dataset_size:
+                    raise DataError(f"{where}: epoch {e + 1}, batch {k + 1} has index {i!r}; the dataset has "
+                                    f"{dataset_size} samples (indices 0..{dataset_size - 1})")
+            batches.append([int(i) for i in batch])
+        checked.append(batches)
+    return checked
+
+
+def read_batch_order(path: str | Path) -> list[list[list[int]]]:
+    """A batch order from JSON: ``[[[i, ...], ...], ...]`` (epochs of batches of dataset indices), or an object with
+    that list under ``orders`` or ``trajectory.orders`` (as the reference trajectory goldens store it)."""
+    import json
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"batch order file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read batch order file {path}: {e}") from None
+    if isinstance(value, dict):
+        if "orders" not in value and isinstance(value.get("trajectory"), dict):
+            value = value["trajectory"]
+        if "orders" not in value:
+            raise DataError(f"batch order file {path}: an object needs the key 'orders'; it has "
+                            f"{', '.join(sorted(value)) or 'no keys'}")
+        value = value["orders"]
+    if not isinstance(value, list):
+        raise DataError(f"batch order file {path}: expected a JSON list of epochs")
+    return value
+
+
 class PromptLoader(DataLoader):
     """A ``DataLoader`` that drives epochs explicitly and reports skipped images.
 
@@ -190,6 +281,8 @@ class PromptLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = int(epoch)
+        if hasattr(self.batch_sampler, "set_epoch"):  # len(loader) is then the epoch's number of batches
+            self.batch_sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         epoch = self._next_epoch
@@ -197,8 +290,9 @@ class PromptLoader(DataLoader):
         self.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+        for sampler in (self.sampler, self.batch_sampler):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
         return self._passes(super().__iter__())
 
     def _passes(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
