@@ -257,6 +257,16 @@ def test_kgcoop_kg_term_vanishes_when_prompts_equal_the_template(tiny):
     assert other.loss(batch, other(batch))["loss_kg"] > 1e-4
 
 
+def test_kgcoop_uses_its_own_template_for_textures(tiny):
+    """KgCoOp's CUSTOM_TEMPLATES differ from CoOp's only for DTD; the dataset hands over CoOp's "{} texture."."""
+    dtd = create_method("kgcoop", tiny, CLASSES, template="{} texture.")
+    assert dtd.kg_template == "a photo of a {}, a type of texture."
+    eurosat = create_method("kgcoop", tiny, CLASSES, template="a centered satellite photo of {}.")
+    assert eurosat.kg_template == "a centered satellite photo of {}."
+    chosen = create_method("kgcoop", tiny, CLASSES, {"kg_template": "{} texture."}, template="{} texture.")
+    assert chosen.kg_template == "{} texture."
+
+
 def test_kgcoop_with_zero_weight_is_coop(tiny):
     coop = create_method("coop", tiny, CLASSES, {"n_ctx": 4, "ctx_init": "a photo of a"})
     kg = create_method("kgcoop", tiny, CLASSES, {"w": 0.0}, template="{} texture.")

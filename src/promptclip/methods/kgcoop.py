@@ -13,7 +13,8 @@ Reference behaviour worth knowing:
 
 - the template is the dataset's entry of KgCoOp's own ``CUSTOM_TEMPLATES``, which equals CoOp's except for
   DescribableTextures ("a photo of a {}, a type of texture." instead of "{} texture."; see
-  ``KGCOOP_TEMPLATE_OVERRIDES``). Set ``kg_template`` to use a template other than the one given to the method;
+  ``KGCOOP_TEMPLATE_OVERRIDES``): given DTD's CoOp template, the method uses KgCoOp's. Set ``kg_template`` to use
+  any other template;
 - ``CTX_INIT`` is a switch there: when true the init words are always "a photo of a";
 - ``CLASS_TOKEN_POSITION`` is read but never used (the class name always goes at the end) and ``ALPHA`` is unused;
 - its ``amp`` precision path drops the KG term (and fails on the model's tuple output); the term is always applied
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.templates import CUSTOM_TEMPLATES
 from .base import cosine_logits, reference_options, register
 from .coop import CoOp, CoOpConfig
 from .prompts import encode_texts
@@ -35,6 +37,8 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 #: Datasets whose KgCoOp template differs from CoOp's per-dataset zero-shot template.
 KGCOOP_TEMPLATE_OVERRIDES = {"DescribableTextures": "a photo of a {}, a type of texture."}
+#: The same, keyed by the CoOp template a dataset hands to the method (each is unique to its dataset).
+_KG_TEMPLATE_FOR = {CUSTOM_TEMPLATES[name]: template for name, template in KGCOOP_TEMPLATE_OVERRIDES.items()}
 
 
 @dataclass
@@ -60,7 +64,10 @@ class KgCoOp(CoOp):
 
     @property
     def kg_template(self) -> str:
-        return self.config.kg_template or self.template or DEFAULT_TEMPLATE
+        """``kg_template`` if set, else KgCoOp's template for the dataset whose CoOp template the method was given."""
+        if self.config.kg_template:
+            return self.config.kg_template
+        return _KG_TEMPLATE_FOR.get(self.template, self.template) if self.template else DEFAULT_TEMPLATE
 
     def rebuild_class_buffers(self) -> None:
         super().rebuild_class_buffers()
@@ -86,6 +93,9 @@ class KgCoOp(CoOp):
         ce = F.cross_entropy(logits, batch["label"].to(logits.device))
         kg = self.knowledge_gap(text_features)
         return {"loss": ce + self.config.w * kg, "loss_ce": ce, "loss_kg": kg}
+
+    def reference_loss_terms(self, terms) -> dict[str, float]:
+        return {"loss_ce": terms["loss_ce"], "score": terms["loss_kg"], "w": self.config.w}
 
     @classmethod
     def config_from_reference(cls, trainer) -> KgCoOpConfig:
