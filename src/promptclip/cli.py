@@ -359,7 +359,7 @@ def _classnames(text: str) -> list[str]:
 
 
 def _image_paths(items: list[str]) -> list[Path]:
-    from .data.datasets import list_images
+    from .data.files import list_images
 
     paths: list[Path] = []
     for item in items:

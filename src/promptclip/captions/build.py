@@ -50,7 +50,7 @@ def dataset_items(name: str, root: str | None = None, splits: Sequence[str] = SP
 
 def image_items(paths: Iterable[str | Path]) -> list[ImageItem]:
     """Image files or folders (recursively) outside a dataset, keyed by absolute path (for ``predict``)."""
-    from ..data.datasets import IMAGE_EXTENSIONS
+    from ..data.files import IMAGE_EXTENSIONS
 
     items = []
     for item in paths:

@@ -1,11 +1,13 @@
 """Datasets and the CoOp benchmark protocol: specs, split files, Dassl-identical few-shot sampling, base/novel
 subsampling, custom folder / CSV datasets, the bundled EuroSAT sample, loaders, and prepare / verify."""
 
-from .datasets import DEFAULT_SPLIT_SEED, IMAGE_EXTENSIONS, load_splits, protocol_splits
+from .datasets import load_splits, protocol_splits
+from .files import IMAGE_EXTENSIONS
 from .folder import load_csv_dataset, load_folder_dataset
 from .loader import ImageDataset, PromptLoader, SeededShuffleSampler, make_loader, open_image
 from .prepare import PrepareReport, VerifyReport, download_file, extract_archive, prepare, verify
 from .protocol import (
+    DEFAULT_SPLIT_SEED,
     fewshot,
     fewshot_splits,
     import_dassl_fewshot,

@@ -12,7 +12,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import DataError
-from .protocol import fewshot_splits, read_split, split_by_class, split_trainval, subsample_classes
+from .files import IMAGE_EXTENSIONS, list_images, subdirs
+from .folder import load_csv_dataset, load_folder_dataset
+from .protocol import DEFAULT_SPLIT_SEED, fewshot_splits, read_split, split_by_class, split_trainval, subsample_classes
 from .protocol import write_split as save_split_file
 from .records import DatasetSplits, Record, classnames_from_records
 from .specs import (
@@ -26,31 +28,12 @@ from .specs import (
     imagenet_wnids,
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "load_splits", "protocol_splits", "list_images", "DEFAULT_SPLIT_SEED"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-#: Seed of generated splits. CoOp generates a missing split inside the first run, after ``set_random_seed(cfg.SEED)``,
-#: which is 1 in all of its scripts.
-DEFAULT_SPLIT_SEED = 1
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _subdirs(path: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-
-
-def list_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted names of the image files directly inside ``folder`` (hidden files skipped)."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+__all__ = ["load_splits", "protocol_splits"]
 
 
 def _class_listing(image_dir: Path, ignored: tuple[str, ...] = (), source: str = "dataset") -> dict[str, list[str]]:
     listing = {}
-    for folder in _subdirs(image_dir):
+    for folder in subdirs(image_dir):
         if folder in ignored:
             continue
         files = list_images(image_dir / folder)
@@ -85,8 +68,6 @@ def load_splits(
     When a split file is missing and CoOp has a generator for the dataset, the split is generated with CoOp's procedure
     from ``random.Random(split_seed)`` and saved (``write_split=False`` keeps it in memory only).
     """
-    from .folder import load_csv_dataset, load_folder_dataset
-
     text = os.fspath(name_or_path)
     if text.startswith("folder:"):
         return load_folder_dataset(text[len("folder:"):], split_seed=split_seed, write_split=write_split)
@@ -367,7 +348,7 @@ def _read_imagenet(
         for part in ("train", "val"):
             if not (image_dir / part).is_dir():
                 raise DataError(f"ImageNet: folder {image_dir / part} not found (expected images/train and images/val)")
-            folders[part] = _subdirs(image_dir / part)
+            folders[part] = subdirs(image_dir / part)
         if folders["train"] != folders["val"]:
             diff = sorted(set(folders["train"]) ^ set(folders["val"]))
             raise DataError(f"ImageNet: images/train and images/val have different class folders, e.g. {diff[:5]}")
@@ -415,7 +396,7 @@ def _read_imagenet_folders(
     spec: DatasetSpec, dataset_dir: Path, image_dir: Path, *, split_seed: int, write_split: bool
 ) -> DatasetSplits:
     """ImageNet-Sketch / -A / -R: labels = sorted wnid folders present (CoOp's behaviour)."""
-    wnids = _subdirs(image_dir)
+    wnids = subdirs(image_dir)
     if not wnids:
         raise DataError(f"{spec.title}: no class folders in {image_dir}")
     names = _wnid_names(wnids, str(image_dir))

@@ -24,8 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import DataError
-from .datasets import DEFAULT_SPLIT_SEED, _subdirs, list_images
-from .protocol import read_split, split_by_class
+from .files import list_images, subdirs
+from .protocol import DEFAULT_SPLIT_SEED, read_split, split_by_class
 from .protocol import write_split as save_split_file
 from .records import DatasetSplits, Record, classnames_from_records
 from .templates import DEFAULT_TEMPLATE, ensemble_templates
@@ -65,7 +65,7 @@ def load_folder_dataset(
         classnames = classnames_from_records((train, val, test), str(split_path))
         return _make_splits(name, root, train, val, test, classnames, template,
                             {"split_file": str(split_path), "split_source": "file"})
-    top = [d for d in _subdirs(root) if d not in _RESERVED]
+    top = [d for d in subdirs(root) if d not in _RESERVED]
     if "train" in top and "test" in top:
         return _load_presplit(root, template)
     listing: dict[str, list[str]] = {}
@@ -95,13 +95,13 @@ def load_folder_dataset(
 
 def _load_presplit(root: Path, template: str) -> DatasetSplits:
     parts = {p: root / p for p in ("train", "val", "test") if (root / p).is_dir()}
-    classes = sorted({c for d in parts.values() for c in _subdirs(d)})
+    classes = sorted({c for d in parts.values() for c in subdirs(d)})
     if not classes:
         raise DataError(f"custom dataset {root}: train/ and test/ contain no class folders")
     label = {c: i for i, c in enumerate(classes)}
     out: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
     for part, d in parts.items():
-        for c in _subdirs(d):
+        for c in subdirs(d):
             files = list_images(d / c)
             if not files:
                 raise DataError(f"custom dataset {root}: class folder {d / c} contains no images")

@@ -18,7 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError
-from .datasets import IMAGE_EXTENSIONS, load_benchmark
+from .datasets import load_benchmark
+from .files import is_image
 from .loader import open_image
 from .specs import DatasetSpec, Download, get_spec, imagenet_a_wnids, imagenet_r_wnids
 
@@ -389,7 +390,7 @@ def _count_images(image_dir: Path) -> set[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, image_dir)
         for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+            if is_image(f):
                 found.add(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}")
     return found
 

@@ -33,6 +33,7 @@ from .records import DatasetSplits, Record
 
 __all__ = [
     "SPLIT_NAMES",
+    "DEFAULT_SPLIT_SEED",
     "read_split",
     "write_split",
     "records_from_entries",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
+#: Seed of generated splits. CoOp generates a missing split inside the first run, after ``set_random_seed(cfg.SEED)``,
+#: which is 1 in all of its scripts.
+DEFAULT_SPLIT_SEED = 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
