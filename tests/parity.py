@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from promptclip.clip.architectures import ARCHITECTURES, build_random
 from promptclip.clip.model import CLIP
+from promptclip.data.templates import CUSTOM_TEMPLATES
 from promptclip.methods import create_method, get_method_class, list_methods
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -127,7 +128,9 @@ def build_method(golden: Golden):
     name = method_for(golden)
     cls = get_method_class(name)
     config = cls.config_from_reference(golden.trainer_cfg)
-    template = golden.meta.get("extra", {}).get("template_used")
+    # The template the method is given: the one the golden records, else the dataset's (as a protocol run passes it).
+    template = golden.meta.get("extra", {}).get("template_used") or CUSTOM_TEMPLATES.get(
+        golden.meta["cfg"].get("dataset_name"))
     method = create_method(name, golden_backbone(golden), golden.classnames, config, template=template)
     name_map = method.reference_name_map()
     ours = dict(method.named_trainable())
@@ -157,3 +160,134 @@ def assert_close_grad(ours: torch.Tensor | None, golden: torch.Tensor, what: str
     bound = 1e-4 * golden.abs().max().item()
     err = (ours - golden).abs().max().item()
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+# -- trajectory goldens (tests/golden/TRAJECTORY_README.md) -----------------------------------------------------------
+
+
+def trajectory_golden_names() -> list[str]:
+    """Every ``<method>.trajectory.json`` present, as ``<method>``."""
+    return sorted(p.name[: -len(".trajectory.json")] for p in GOLDEN_DIR.glob("*.trajectory.json"))
+
+
+@dataclass
+class Replay:
+    """Our engine's run of a trajectory golden: the same model, config, data and batch order."""
+
+    golden: Golden
+    method: object
+    name_map: dict[str, str]
+    steps: list[dict]  # fit's on_step records
+    epoch_params: list[dict[str, torch.Tensor]]  # reference name -> value after the last step of each epoch
+    final_params: dict[str, torch.Tensor]  # reference name -> value at the end of training
+    init_params: dict[str, torch.Tensor]  # reference name -> initial value (stored or regenerated)
+    logits_init: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def trajectory(self) -> dict:
+        return self.golden.meta["trajectory"]
+
+
+def _eval_logits(method, images: torch.Tensor) -> torch.Tensor:
+    method.eval()
+    with torch.no_grad():
+        return method({"image": images}).detach().clone()
+
+
+@functools.cache
+def replay_trajectory(name: str) -> Replay:
+    """:func:`run_replay`, once per golden and process."""
+    return run_replay(name)
+
+
+def run_replay(name: str) -> Replay:
+    """Build the method from the golden's JSON, then drive promptclip's own ``fit`` over the golden's batch order.
+
+    Everything comes from the files: config (``cfg.trainer``, ``cfg.optim``), class names, inputs, initial values,
+    orders. The golden's per-step LRs are never fed into training."""
+    from promptclip.data.loader import TensorDataset
+    from promptclip.train import fit, train_config_from_dassl
+
+    golden = load_golden(f"{name}.trajectory")
+    method, name_map = build_method(golden)
+    params = dict(method.named_trainable())
+    init = {ref: params[ours].detach().clone() for ref, ours in name_map.items()}
+    trajectory, cfg = golden.meta["trajectory"], golden.meta["cfg"]
+    config = train_config_from_dassl(cfg["optim"], trajectory["batch_size"], max_epoch=trajectory["epochs"],
+                                     precision="fp32", seed=trajectory["order_seed"])
+    logits_init = _eval_logits(method, golden.tensors["input.eval_images"])
+    steps: list[dict] = []
+    epoch_params: list[dict[str, torch.Tensor]] = []
+
+    def on_step(record: dict) -> None:
+        steps.append(record)
+        if record["batch"] == record["batches"]:  # after the epoch's last optimizer step, before its epoch-end code
+            epoch_params.append({ref: params[ours].detach().clone() for ref, ours in name_map.items()})
+
+    data = TensorDataset(golden.tensors["input.train_images"], golden.tensors["input.train_labels"])
+    fit(method, data, config, progress=False, on_step=on_step, batch_order=trajectory["orders"])
+    final = {ref: params[ours].detach().clone() for ref, ours in name_map.items()}
+    logits = _eval_logits(method, golden.tensors["input.eval_images"])
+    return Replay(golden, method, name_map, steps, epoch_params, final, init, logits_init, logits)
+
+
+def stored_part(value: torch.Tensor, entry: dict) -> torch.Tensor:
+    """What a golden stores of a parameter: the whole tensor, or its first 4 rows of ``reshape(shape[0], -1)``."""
+    return value if entry["stored"] else value.reshape(entry["shape"][0], -1)[:4]
+
+
+def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torch.Tensor) -> tuple[float, float, float]:
+    """(max abs error, its ratio to the value bar 1e-4 * max|golden|, its ratio to the movement bar
+    2e-3 * max|golden - init|) — both ratios must be <= 1 (TRAJECTORY_README.md). A parameter that did not move
+    has a movement bar of 0, so it must then be bit-identical."""
+    ours, golden, init = ours.detach().double(), golden.double(), init.double()
+    err = (ours - golden).abs().max().item()
+    value_bar = 1e-4 * golden.abs().max().item()
+    move_bar = 2e-3 * (golden - init).abs().max().item()
+
+    def ratio(bar: float) -> float:
+        return err / bar if bar > 0 else (0.0 if err == 0 else float("inf"))
+
+    return err, ratio(value_bar), ratio(move_bar)
+
+
+def logits_error(ours: torch.Tensor, golden: torch.Tensor) -> float:
+    """max|ours - golden| / (3e-4 * max(1, max|golden|)): <= 1 passes (the trajectory bar for eval logits)."""
+    return (ours.double() - golden.double()).abs().max().item() / (3e-4 * max(1.0, golden.abs().max().item()))
+
+
+def scalar_error(ours: float, golden: float) -> float:
+    """|ours - golden| / (2e-4 * max(1, |golden|)): <= 1 passes (the trajectory bar for losses and loss terms)."""
+    return abs(ours - golden) / (2e-4 * max(1.0, abs(golden)))
+
+
+def trajectory_errors(replay: Replay) -> dict[str, float]:
+    """The worst error of each quantity as a multiple of its bar (<= 1 passes): ``lr``, ``loss`` (loss and terms),
+    ``epoch_params``, ``final_params`` (the larger of the value and movement ratios), ``logits_init``, ``logits``, and
+    ``frozen`` (the largest change of a gradient-free parameter, which must be 0)."""
+    golden_steps = replay.trajectory["steps"]
+    errors = {"lr": 0.0, "loss": 0.0}
+    for ours, ref in zip(replay.steps, golden_steps, strict=True):
+        errors["lr"] = max(errors["lr"], abs(ours["lr"] - ref["lr"]) / (1e-9 * ref["lr"]))
+        terms = replay.method.reference_loss_terms(ours) | {"acc": ours["acc"], "loss": ours["loss"]}
+        for key, value in ({"loss": ref["loss"]} | ref.get("terms", {})).items():
+            errors["loss"] = max(errors["loss"], scalar_error(terms[key], value))
+
+    def params_error(entries, ours_by_name) -> float:
+        worst = 0.0
+        for entry in entries:
+            init = stored_part(replay.init_params[entry["name"]], entry)
+            _, value_ratio, move_ratio = trajectory_param_errors(stored_part(ours_by_name[entry["name"]], entry),
+                                                                 replay.golden.tensors[entry["key"]], init)
+            worst = max(worst, value_ratio, move_ratio)
+        return worst
+
+    errors["epoch_params"] = max(params_error(entries, ours) for ours, entries in
+                                 zip(replay.epoch_params, replay.trajectory["epoch_end_params"], strict=True))
+    errors["final_params"] = params_error(replay.trajectory["final_params"], replay.final_params)
+    errors["logits_init"] = logits_error(replay.logits_init, replay.golden.tensors["eval.logits_init"])
+    errors["logits"] = logits_error(replay.logits, replay.golden.tensors["eval.logits"])
+    errors["frozen"] = max([(replay.final_params[n].double() - replay.init_params[n].double()).abs().max().item()
+                            for n in replay.golden.meta["params_without_grad"]] or [0.0])
+    return errors

@@ -1,7 +1,9 @@
-"""Print the parity table of docs/parity.md: for every golden in tests/golden/, the largest errors of our
-implementation against the reference (eval logits, training loss, gradients) next to the README's tolerance.
+"""Print the parity tables of docs/parity.md: for every one-step golden in tests/golden/, the largest errors of our
+implementation against the reference (eval logits, training loss, gradients) next to the README's tolerance; for
+every trajectory golden, the worst error of each quantity of a whole replayed run as a multiple of its bar.
 
-    python tools/parity_table.py
+    python tools/parity_table.py              # both tables
+    python tools/parity_table.py trajectory   # the trajectory table only
 """
 
 import sys
@@ -11,7 +13,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from parity import build_method, load_golden, method_for, method_golden_names  # noqa: E402
+from parity import (  # noqa: E402
+    build_method,
+    load_golden,
+    method_for,
+    method_golden_names,
+    run_replay,
+    trajectory_errors,
+    trajectory_golden_names,
+)
+
+TRAJECTORY_COLUMNS = ("lr", "loss", "epoch_params", "final_params", "logits_init", "logits", "frozen")
 
 
 def errors(name: str) -> tuple[str, float, float, float, int]:
@@ -42,7 +54,31 @@ def errors(name: str) -> tuple[str, float, float, float, int]:
     return method_for(golden), logit_err, loss_err, grad_err, checked
 
 
+def trajectory_table() -> None:
+    print("| golden | our method | steps | lr | loss and terms | epoch<e> params | final params | eval.logits_init | "
+          "eval.logits | gradient-free tensors moved (max abs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in trajectory_golden_names():
+        replay = run_replay(name)
+        errors = trajectory_errors(replay)
+        cells = " | ".join(f"{errors[c]:.2g}" for c in TRAJECTORY_COLUMNS[:-1])
+        frozen = len(replay.golden.meta["params_without_grad"])
+        moved = f"{errors['frozen']:.1g} ({frozen} tensors)" if frozen else "—"
+        print(f"| {name} | {method_for(replay.golden)} | {len(replay.steps)} | {cells} | {moved} |")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; each column is the worst error as a "
+          "multiple of its bar in tests/golden/TRAJECTORY_README.md (<= 1 passes)")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["trajectory"]:
+        trajectory_table()
+        return
+    one_step_table()
+    print()
+    trajectory_table()
+
+
+def one_step_table() -> None:
     print("| golden | reference trainer | our method | logits err / max(1, max\\|g\\|) | loss err | "
           "max grad err / max\\|g\\| | tensors with gradient checked |")
     print("|---|---|---|---|---|---|---|")

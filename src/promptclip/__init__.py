@@ -14,6 +14,7 @@ _LAZY = {
     "list_methods": ("methods", "list_methods"),
     "fit": ("train", "fit"),
     "TrainConfig": ("train", "TrainConfig"),
+    "train_config_from_dassl": ("train", "train_config_from_dassl"),
     "evaluate": ("evaluate", "evaluate"),
     "run_protocol": ("protocols", "run_protocol"),
     "load_preset": ("presets", "load_preset"),

@@ -217,6 +217,11 @@ class PromptMethod(nn.Module):
         """Reference parameter name (as its ``named_parameters()`` spells it) → our parameter name."""
         raise NotImplementedError(f"{self.name} has no reference implementation")
 
+    def reference_loss_terms(self, terms: Mapping[str, float]) -> dict[str, float]:
+        """Our logged loss terms (``loss`` keys of :meth:`loss`, as floats) under the names the reference trainer
+        reports them (its ``loss_summary``), for the terms it reports besides the total loss and accuracy."""
+        return {}
+
     def num_trainable(self) -> int:
         return sum(p.numel() for _, p in self.named_trainable())
 

@@ -284,6 +284,12 @@ class PromptSRC(IVLP):
     REFERENCE_DEFAULTS = {"N_CTX_TEXT": 4, "N_CTX_VISION": 4, "CTX_INIT": "a photo of a", "PROMPT_DEPTH_TEXT": 9,
                           "PROMPT_DEPTH_VISION": 9}
 
+    def reference_loss_terms(self, terms) -> dict[str, float]:
+        regularisers = ("loss_scl_text", "loss_scl_image", "loss_scl_logits")
+        return {"loss_ce": terms["loss_ce"], "loss_scl_text": terms["loss_scl_text"],
+                "loss_scl_image": terms["loss_scl_image"], "L_SCL_logits": terms["loss_scl_logits"],
+                "L_SCL": sum(terms[k] for k in regularisers)}
+
     @classmethod
     def config_from_reference(cls, trainer) -> PromptSRCConfig:
         opts = reference_options(trainer, cls.REFERENCE_KEYS, cls.name)

@@ -1,0 +1,93 @@
+"""Whole training runs against the reference trainers (tests/golden/TRAJECTORY_README.md).
+
+For every ``*.trajectory.json`` present, promptclip's own ``fit`` is driven over the golden's batch order with the
+config, class names, inputs and initial values read from the files; the per-step learning rate, loss and loss terms,
+the parameters after every epoch and at the end, and the eval logits before and after training must match the
+reference within the README's bars. Other configurations dropped in under the same names must pass unchanged.
+"""
+
+import pytest
+import torch
+
+from parity import (
+    logits_error,
+    replay_trajectory,
+    scalar_error,
+    stored_part,
+    trajectory_golden_names,
+    trajectory_param_errors,
+)
+
+TRAJECTORIES = trajectory_golden_names()
+
+
+def test_trajectory_goldens_are_present():
+    assert len(TRAJECTORIES) >= 11
+
+
+@pytest.fixture(scope="module", params=TRAJECTORIES)
+def replay(request):
+    return replay_trajectory(request.param)
+
+
+def test_eval_logits_before_training(replay):
+    err = logits_error(replay.logits_init, replay.golden.tensors["eval.logits_init"])
+    assert err <= 1, f"{replay.golden.name}: eval.logits_init off by {err:.2f}x the bar"
+
+
+def test_every_step_has_the_reference_lr_loss_and_terms(replay):
+    golden_steps = replay.trajectory["steps"]
+    assert len(replay.steps) == len(golden_steps)
+    assert replay.golden.tensors["trajectory.loss"].tolist() == pytest.approx([s["loss"] for s in golden_steps])
+    for ours, ref in zip(replay.steps, golden_steps, strict=True):
+        where = f"{replay.golden.name} step {ref['step']} (epoch {ref['epoch']}, batch {ref['batch_idx']})"
+        assert (ours["epoch"] - 1, ours["batch"] - 1, ours["step"] - 1) == (ref["epoch"], ref["batch_idx"],
+                                                                            ref["step"]), where
+        assert abs(ours["lr"] - ref["lr"]) <= 1e-9 * ref["lr"], f"{where}: lr {ours['lr']} vs {ref['lr']}"
+        assert scalar_error(ours["loss"], ref["loss"]) <= 1, f"{where}: loss {ours['loss']} vs {ref['loss']}"
+        terms = replay.method.reference_loss_terms(ours)
+        for key, value in ref.get("terms", {}).items():
+            mine = ours["acc"] if key == "acc" else terms.get(key)
+            assert mine is not None, f"{where}: the reference reports term {key!r}, ours has no counterpart"
+            assert scalar_error(mine, value) <= 1, f"{where}: {key} {mine} vs {value}"
+
+
+def _check_params(replay, entries, ours_by_name, label):
+    tensors = replay.golden.tensors
+    for entry in entries:
+        ours, init = ours_by_name[entry["name"]], replay.init_params[entry["name"]]
+        golden = tensors[entry["key"]]
+        err, value_ratio, move_ratio = trajectory_param_errors(stored_part(ours, entry), golden,
+                                                               stored_part(init, entry))
+        what = f"{replay.golden.name} {label} {entry['name']}"
+        assert value_ratio <= 1 and move_ratio <= 1, (
+            f"{what}: max abs error {err:.3g} is {value_ratio:.2f}x the value bar and {move_ratio:.2f}x the "
+            "movement bar")
+        if not entry["stored"]:  # the whole tensor's movement, from its float64 sum
+            delta = (ours.double() - init.double()).abs().sum().item()
+            assert delta == pytest.approx(entry["delta_abs_sum"], rel=2e-3), f"{what}: delta_abs_sum"
+
+
+def test_parameters_after_every_epoch(replay):
+    golden_epochs = replay.trajectory["epoch_end_params"]
+    assert len(replay.epoch_params) == len(golden_epochs) == replay.trajectory["epochs"]
+    for e, (ours, entries) in enumerate(zip(replay.epoch_params, golden_epochs, strict=True)):
+        _check_params(replay, entries, ours, f"epoch{e}")
+
+
+def test_final_parameters(replay):
+    _check_params(replay, replay.trajectory["final_params"], replay.final_params, "final")
+
+
+def test_eval_logits_after_training(replay):
+    err = logits_error(replay.logits, replay.golden.tensors["eval.logits"])
+    assert err <= 1, f"{replay.golden.name}: eval.logits off by {err:.2f}x the bar"
+
+
+def test_gradient_free_parameters_stay_bit_identical(replay):
+    frozen = replay.golden.meta["params_without_grad"]
+    for name in frozen:
+        init = replay.init_params[name]
+        for e, params in enumerate(replay.epoch_params):
+            assert torch.equal(params[name], init), f"{name} moved by epoch {e}"
+        assert torch.equal(replay.final_params[name], init), f"{name} moved by the end of training"
