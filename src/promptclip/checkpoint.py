@@ -116,12 +116,7 @@ def load_adapter(path: str | Path, backbone, backbone_fingerprint: str | None = 
     meta, tensors = read_adapter(path)
     if expect_method is not None and meta["method"] != expect_method:
         raise AdapterError(f"adapter {path} was trained with method {meta['method']!r}, not {expect_method!r}")
-    saved = meta["backbone"]
-    if backbone_fingerprint is not None and saved.get("fingerprint") != backbone_fingerprint:
-        raise AdapterError(
-            f"adapter {path} was trained on backbone {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}); "
-            f"the loaded backbone has fingerprint {backbone_fingerprint}. Load the same backbone weights."
-        )
+    _check_backbone(path, meta, backbone_fingerprint)
     try:
         method = create_method(meta["method"], backbone, meta["classnames"], meta["config"],
                                template=meta.get("template"))
@@ -131,3 +126,27 @@ def load_adapter(path: str | Path, backbone, backbone_fingerprint: str | None = 
     except ConfigError as err:
         raise AdapterError(f"adapter {path}: {err}") from None
     return method
+
+
+def init_from_adapter(method, path: str | Path, backbone_fingerprint: str | None = None) -> dict[str, Any]:
+    """Set ``method``'s learnable tensors to an adapter's (``train --init-adapter``): same method and tensor shapes,
+    and with ``backbone_fingerprint`` the same backbone; options that do not change shapes come from ``method``'s
+    own config. Returns the adapter's metadata."""
+    meta, tensors = read_adapter(path)
+    if meta["method"] != method.name:
+        raise AdapterError(f"adapter {path} holds method {meta['method']!r}; it cannot initialise {method.name!r}")
+    _check_backbone(path, meta, backbone_fingerprint)
+    try:
+        method.load_adapter_state(tensors, strict=True)
+    except ConfigError as err:
+        raise AdapterError(f"adapter {path} cannot initialise this {method.name} configuration: {err}") from None
+    return meta
+
+
+def _check_backbone(path: str | Path, meta: Mapping[str, Any], fingerprint: str | None) -> None:
+    saved = meta["backbone"]
+    if fingerprint is not None and saved.get("fingerprint") != fingerprint:
+        raise AdapterError(
+            f"adapter {path} was trained on backbone {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}); "
+            f"the loaded backbone has fingerprint {fingerprint}. Load the same backbone weights."
+        )

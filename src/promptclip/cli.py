@@ -73,11 +73,12 @@ def _options(args):
                       precision=getattr(args, "precision", None), log=_say, extras=caption_extras(args))
 
 
-def _preset_map(items: list[str] | None) -> dict[str, str]:
+def _method_map(items: list[str] | None, option: str = "--preset",
+              example: str = "METHOD=PRESET (e.g. maple=maple/vit_b16_c2_ep5_batch4_2ctx)") -> dict[str, str]:
     mapping = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--preset {item!r}: use METHOD=PRESET (e.g. maple=maple/vit_b16_c2_ep5_batch4_2ctx)")
+            raise ConfigError(f"{option} {item!r}: use {example}")
         method, name = item.split("=", 1)
         mapping[method.strip()] = name.strip()
     return mapping
@@ -163,6 +164,11 @@ def cmd_train(args) -> int:
 
     method = create_method(preset.method, backbone.model, splits.classnames, preset.method_config,
                            template=splits.template)
+    if args.init_adapter:
+        from .checkpoint import init_from_adapter
+
+        init_from_adapter(method, _adapter_file(args.init_adapter), backbone.fingerprint)
+        _say(f"initial values from the adapter {args.init_adapter}")
     out = Path(args.out)
     _say(f"training {preset.method} ({preset.name}) on {splits.name} [{args.subsample}], {len(splits.train)} images, "
          f"{splits.num_classes} classes, seed {args.seed} -> {out}")
@@ -221,8 +227,9 @@ def cmd_run(args) -> int:
     from .protocols import default_shots, make_cells, run_grid
 
     shots = args.shots or default_shots(args.protocol)
-    cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _preset_map(args.preset),
-                       _overrides(args), args.targets)  # every name and key checked before loading weights
+    adapters = _method_map(args.adapter, "--adapter", "METHOD=PATH (e.g. maple=imported/{dataset}/seed{seed})")
+    cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _method_map(args.preset),
+                       _overrides(args), args.targets, adapters)  # every name and key checked before loading weights
     from .captions.cli import check_cells
 
     check_cells(args, cells)  # methods that need per-image captions have them (before loading weights)
@@ -452,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-order", metavar="FILE",
                    help="JSON list of epochs, each a list of batches of indices into the training split (in its "
                         "listed order), replacing the seeded shuffle: replays another run's order or a curriculum")
+    p.add_argument("--init-adapter", metavar="PATH",
+                   help="start from an adapter's tensors (same method and shapes, e.g. from `promptclip import`) "
+                        "instead of the method's initial values")
     add_captions_option(p)
     p.set_defaults(func=cmd_train)
 
@@ -472,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", nargs="+", type=int, help="default: 1 2 4 8 16 for fewshot, 16 otherwise")
     p.add_argument("--targets", nargs="+", help="cross_dataset / domain_generalization targets (default: the papers')")
     p.add_argument("--preset", action="append", metavar="METHOD=PRESET", help="a non-default preset for a method")
+    p.add_argument("--adapter", action="append", metavar="METHOD=PATH",
+                   help="evaluate this adapter instead of training the method (e.g. one from `promptclip import`); "
+                        "{dataset}, {seed} and {shots} in PATH are filled in per cell")
     p.add_argument("--root", help="data root holding the dataset folders")
     config_args(p)
     p.add_argument("--out", required=True)

@@ -68,23 +68,31 @@ class Cell:
     seed: int
     shots: int
     targets: tuple[str, ...] = ()
+    #: An adapter file evaluated instead of training (``run --adapter``, e.g. an imported reference checkpoint).
+    adapter: str | None = None
 
     @property
     def method(self) -> str:
         return self.preset.method
 
+    @property
+    def label(self) -> str:
+        return method_label(self.preset) + (" [adapter]" if self.adapter else "")
+
     def config_hash(self, backbone: Backbone) -> str:
         identity = {
             "protocol": self.protocol, "dataset": self.dataset, "shots": self.shots, "targets": list(self.targets),
             "method": self.preset.method, "method_config": self.preset.method_config,
-            "train": train_identity(self.preset.train) if self.preset.train else None,
+            "train": train_identity(self.preset.train) if self.preset.train and not self.adapter else None,
             "eval": to_dict(self.preset.eval),
             "backbone": backbone.name, "fingerprint": backbone.fingerprint,
         }
+        if self.adapter:
+            identity["adapter"] = hashlib.sha256(Path(self.adapter).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_dir(self, out: Path, backbone: Backbone) -> Path:
-        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", method_label(self.preset))
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.label)
         return (out / "runs" / self.protocol / self.dataset / label / self.config_hash(backbone)
                 / f"seed{self.seed}_shots{self.shots}")
 
@@ -118,9 +126,10 @@ def method_label(preset: Preset) -> str:
 
 def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: list[int], shots: list[int],
                presets: dict[str, str] | None = None, overrides: list[str] | None = None,
-               targets: list[str] | None = None) -> list[Cell]:
+               targets: list[str] | None = None, adapters: dict[str, str] | None = None) -> list[Cell]:
     """The grid: every dataset × method × shots × seed, each method with its official preset for the protocol
-    (or ``presets[method]``), plus ``overrides``."""
+    (or ``presets[method]``), plus ``overrides``. ``adapters[method]``: an adapter path evaluated instead of
+    training that method (``{dataset}``, ``{seed}`` and ``{shots}`` in it are filled in per cell)."""
     if protocol not in PROTOCOLS:
         from .config import suggest
 
@@ -150,8 +159,32 @@ def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: li
                     raise ConfigError(f"preset {name!r} is for method {preset.method!r}, not {method!r}")
                 for seed in seeds:
                     chosen = tuple(t for t in (targets or default_targets) if t != dataset)
-                    cells.append(Cell(protocol, dataset, preset, seed, k, chosen))
+                    adapter = _cell_adapter((adapters or {}).get(method), method, dataset, seed, k)
+                    cells.append(Cell(protocol, dataset, preset, seed, k, chosen, adapter))
+    unknown = sorted(set(adapters or {}) - set(methods))
+    if unknown:
+        raise ConfigError(f"--adapter for {', '.join(unknown)}, which is not among the methods of the grid "
+                          f"({', '.join(methods)})")
     return cells
+
+
+def _cell_adapter(template: str | None, method: str, dataset: str, seed: int, shots: int) -> str | None:
+    """The adapter file of one cell (checked before any weights load), or None to train."""
+    if template is None:
+        return None
+    from .checkpoint import read_adapter
+
+    try:
+        path = Path(template.format(dataset=dataset, seed=seed, shots=shots))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"--adapter {template!r}: only {{dataset}}, {{seed}} and {{shots}} can be filled in "
+                          f"({type(err).__name__}: {err})") from None
+    if path.is_dir():
+        path = path / f"{ADAPTER_STEM}.safetensors"
+    saved = read_adapter(path)[0]["method"]
+    if saved != method:
+        raise ConfigError(f"adapter {path} holds method {saved!r}, not {method!r}")
+    return str(path.with_suffix(".safetensors"))
 
 
 def check_dataset_name(name: str) -> None:
@@ -236,7 +269,7 @@ def run_grid(cells: list[Cell], backbone: Backbone, out: str | Path, options: Ru
 
 
 def describe(cell: Cell) -> str:
-    return f"{cell.protocol} {cell.dataset} {method_label(cell.preset)} seed {cell.seed} shots {cell.shots}"
+    return f"{cell.protocol} {cell.dataset} {cell.label} seed {cell.seed} shots {cell.shots}"
 
 
 def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions, tag: str | None = None
@@ -310,8 +343,11 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     subsample = "base" if cell.protocol == "base2novel" else "all"
     train_splits = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed,
                                    subsample=subsample)
-    method = _build_method(cell, backbone, train_splits)
-    if cell.preset.train is not None:
+    if cell.adapter is not None:
+        method = load_trained(cell.adapter, backbone, train_splits.classnames, train_splits.template)
+    else:
+        method = _build_method(cell, backbone, train_splits)
+    if cell.preset.train is not None and cell.adapter is None:
         data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options)
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
             backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch)
@@ -392,12 +428,13 @@ def _record(cell: Cell, backbone: Backbone, run_dir: Path, dataset: str, eval_da
     run_id = f"{cell.protocol}/{cell.dataset}/{cell.preset.method}/{config_hash}/seed{cell.seed}/shots{cell.shots}"
     return {
         "run_id": run_id,
-        "protocol": cell.protocol, "method": cell.preset.method, "method_label": method_label(cell.preset),
+        "protocol": cell.protocol, "method": cell.preset.method, "method_label": cell.label,
         "dataset": dataset, "eval_dataset": eval_dataset, "split": split, "seed": cell.seed, "shots": cell.shots,
         "accuracy": round(result.accuracy, 4), "macro_f1": round(result.macro_f1, 4),
         "num_samples": result.num_samples, "backbone": backbone.name, "random_weights": backbone.random_weights,
         "config_hash": config_hash, "run_dir": str(run_dir), "seconds": seconds,
         "precision": cell.preset.train.precision if cell.preset.train else "auto",
+        "adapter": cell.adapter,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
