@@ -540,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_demo)
     add_captions_parser(sub)
+    from .reference.cli import add_parser as add_import_parser
+
+    add_import_parser(sub)
     return parser
 
 
