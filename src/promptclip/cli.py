@@ -413,6 +413,15 @@ def cmd_data(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_import(args) -> int:
+    from .reference.cli import import_command
+
+    backbone = import_command(args, _load_backbone, _classnames, _say, _banner)
+    if backbone.random_weights:
+        _banner(RANDOM_BANNER.format(backbone.name))
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------------------------
 
 
@@ -542,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_captions_parser(sub)
     from .reference.cli import add_parser as add_import_parser
 
-    add_import_parser(sub)
+    add_import_parser(sub).set_defaults(func=cmd_import)
     return parser
 
 

@@ -1,6 +1,7 @@
 """``promptclip import``: a reference repository's Dassl checkpoint -> a promptclip adapter.
 
-Registered by ``promptclip.cli.build_parser`` through :func:`add_parser`.
+Registered by ``promptclip.cli.build_parser`` through :func:`add_parser`; ``promptclip.cli.cmd_import`` runs
+:func:`import_command` with the main CLI's console helpers (this module never imports ``promptclip.cli``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from ..errors import ConfigError
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``import`` under the main parser's sub-commands."""
+    """Register ``import`` under the main parser's sub-commands (the caller sets its ``func``)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -44,12 +46,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--template", help="with --classnames: the prompt template, e.g. 'a photo of a {}.'")
     p.add_argument("--backbone", help="default: the preset's (ViT-B/16); the backbone the checkpoint was trained on")
     p.add_argument("--device", default="cpu", help="where the backbone loads (default cpu)")
-    p.set_defaults(func=cmd_import)
     return p
 
 
-def cmd_import(args) -> int:
-    from ..cli import RANDOM_BANNER, _banner, _classnames, _load_backbone, _say
+def import_command(args, load_backbone: Callable[[str, str, bool], Any],
+                   parse_classnames: Callable[[str], list[str]], say: Callable[[str], None],
+                   banner: Callable[[str], None]):
+    """``promptclip import`` with the main CLI's console helpers (backbone loading with its banner, ``--classnames``
+    parsing, output); returns the backbone used."""
     from ..presets import apply_overrides, load_preset
     from .dassl import check_config, find_checkpoint, import_checkpoint, layout_for, method_config, read_checkpoint
 
@@ -57,31 +61,28 @@ def cmd_import(args) -> int:
     preset = apply_overrides(load_preset(args.preset or layout.default_preset), list(args.set or []))
     if preset.method != args.method:
         raise ConfigError(f"preset {preset.name!r} is for method {preset.method!r}, not {args.method!r}")
-    classnames, template = _class_set(args, _classnames)
+    classnames, template = _class_set(args, parse_classnames)
     epoch = args.epoch if args.epoch in (None, "best") else _epoch_number(args.epoch)
     # The file and what its shapes say are checked before any weights load.
     checkpoint = read_checkpoint(find_checkpoint(args.source, layout.registered_name, epoch))
     config = method_config(args.method, preset.method_config)
     check_config(checkpoint, args.method, config)
-    backbone = _load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
+    backbone = load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = import_checkpoint(checkpoint, args.method, backbone, classnames, args.out, config=config,
                                    template=template, extra={"preset": preset.name})
     report = result.report
-    _say(f"read {report.file} (epoch {report.epoch}, saved as {'/'.join(report.saved_dtypes)}): "
-         f"{len(report.tensors)} learned tensors, {result.method.num_trainable():,} values, imported as fp32")
-    _say(f"dropped class buffers {', '.join(report.dropped_buffers) or '(none)'}; frozen CLIP: "
-         f"{report.frozen.summary()}")
-    _say(f"the tensors say: {json.dumps(report.inferred)}; preset {preset.name}")
-    _say(f"adapter: {result.adapter_path} (+ .json), {len(classnames)} classes")
+    say(f"read {report.file} (epoch {report.epoch}, saved as {'/'.join(report.saved_dtypes)}): "
+        f"{len(report.tensors)} learned tensors, {result.method.num_trainable():,} values, imported as fp32")
+    say(f"dropped class buffers {', '.join(report.dropped_buffers) or '(none)'}; frozen CLIP: "
+        f"{report.frozen.summary()}")
+    say(f"the tensors say: {json.dumps(report.inferred)}; preset {preset.name}")
+    say(f"adapter: {result.adapter_path} (+ .json), {len(classnames)} classes")
     for warning in caught:
-        _banner(str(warning.message))
-    _say(f"evaluate it: promptclip eval --adapter {Path(args.out)} --dataset DATASET --root ROOT "
-         f"--subsample base|new")
-    if backbone.random_weights:
-        _banner(RANDOM_BANNER.format(backbone.name))
-    return 0
+        banner(str(warning.message))
+    say(f"evaluate it: promptclip eval --adapter {Path(args.out)} --dataset DATASET --root ROOT --subsample base|new")
+    return backbone
 
 
 def _class_set(args, parse_classnames) -> tuple[list[str], str | None]:
