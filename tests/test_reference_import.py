@@ -143,23 +143,19 @@ def test_weights_only_torch_load_cannot_read_them():
 
 def cmpa_checkpoint(folder: Path, golden, differ_block: int | None = None) -> Path:
     """What CMPA's trainer saves (Dassl ``save_model``), with the trajectory golden's initial values (its final values
-    are stored whole only for small tensors): ``state_dict()`` of the whole model repeats the shared CMPA block under
-    every layer, plus the class buffers, SGD and the scheduler with its ``CosineAnnealingLR`` object."""
+    are stored whole only for small tensors): ``state_dict()`` of the whole model, which repeats a shared CMPA block
+    (``PS``) under every layer, the class buffers, SGD and the scheduler with its ``CosineAnnealingLR`` object."""
     values = {entry["name"]: golden.init_value(entry).clone() for entry in golden.meta["trainable_params"]}
-    layers = golden.meta["backbone"]["config"]["vision_layers"]
-    n_cls, n_ctx = len(golden.classnames), values["prompt_learner.prompts_text"].shape[0]
-    state = OrderedDict()
-    state["prompt_learner.prompts_text"] = values["prompt_learner.prompts_text"]
-    state["prompt_learner.prompts_visual"] = values["prompt_learner.prompts_visual"]
-    state["prompt_learner.token_prefix"] = torch.randn(n_cls, 1, 512)
-    state["prompt_learner.token_suffix"] = torch.randn(n_cls, 77 - 1 - n_ctx, 512)
-    for layer in range(layers):
-        for name, value in values.items():
-            if name.startswith("encoder.resblocks.0.prompt_attn."):
-                copy = value.clone()
-                if layer == differ_block:
-                    copy += 0.01
-                state[name.replace("resblocks.0.", f"resblocks.{layer}.")] = copy
+    n_cls, (n_ctx, width) = len(golden.classnames), values["prompt_learner.prompts_text"].shape
+    state = OrderedDict(values)
+    state["prompt_learner.token_prefix"] = torch.randn(n_cls, 1, width)
+    state["prompt_learner.token_suffix"] = torch.randn(n_cls, 77 - 1 - n_ctx, width)
+    if golden.trainer_cfg.get("PS", True):
+        for layer in range(1, golden.meta["backbone"]["config"]["vision_layers"]):
+            for name, value in values.items():
+                if name.startswith("encoder.resblocks.0.prompt_attn."):
+                    copy = value.clone() + (0.01 if layer == differ_block else 0.0)
+                    state[name.replace("resblocks.0.", f"resblocks.{layer}.")] = copy
     params = [torch.nn.Parameter(v.clone()) for v in values.values()]  # the optimizer's own copies
     sgd = torch.optim.SGD(params, lr=0.0035, momentum=0.9, weight_decay=5e-4)
     for p in params:
@@ -194,6 +190,8 @@ def test_dcp_import_reproduces_the_reference_logits(tmp_path, cmpa_golden, one_t
 
 
 def test_dcp_checkpoint_with_one_block_per_layer_is_not_a_shared_config(tmp_path, cmpa_golden):
+    if not cmpa_golden.trainer_cfg.get("PS", True):
+        pytest.skip("the CMPA golden has one block per layer (PS False): nothing shared to break")
     checkpoint = read_checkpoint(cmpa_checkpoint(tmp_path, cmpa_golden, differ_block=2))
     method, _ = build_method(cmpa_golden)
     with pytest.raises(DasslCheckpointError, match=r"shared=false \(the config has true\).*"
@@ -300,15 +298,25 @@ def test_class_count_differing_from_the_checkpoint_is_warned():
     assert report.saved_classes == 5
 
 
-@pytest.mark.parametrize("name,method,config,needle", [
-    ("maple", "dcp", {"n_ctx": 2, "depth": 2}, "no tensor prompt_learner.prompts_text.*checkpoint of maple"),
-    ("cocoop", "coop", {"n_ctx": 4}, "meta_net.linear2.*checkpoint of cocoop"),
-    ("kgcoop", "coop", {"n_ctx": 4}, "bias_vectors.*checkpoint of kgcoop"),
-    ("coop_ctx16", "kgcoop", {"n_ctx": 16, "ctx_init": ""}, "which every kgcoop checkpoint saves"),
-    ("vpt", "coop", {}, "no tensor prompt_learner.ctx.*checkpoint of vpt"),
+def context_length(name: str) -> int:
+    """The length of the learned text context in a golden's Dassl file (from its .dassl.json)."""
+    entries = dassl_meta(name)["registered_model"]["state_dict"]
+    return next(e["shape"][-2] for e in entries if e["key"] in ("ctx", "prompt_learner.ctx"))
+
+
+@pytest.mark.parametrize("name,method,needle", [
+    ("maple", "dcp", "no tensor prompt_learner.prompts_text.*checkpoint of maple"),
+    ("cocoop", "coop", "meta_net.linear2.*checkpoint of cocoop"),
+    ("kgcoop", "coop", "bias_vectors.*checkpoint of kgcoop"),
+    ("coop_ctx16", "kgcoop", "which every kgcoop checkpoint saves"),
+    ("vpt", "coop", "no tensor prompt_learner.ctx.*checkpoint of vpt"),
 ])
-def test_checkpoint_of_another_method_is_refused(name, method, config, needle):
+def test_checkpoint_of_another_method_is_refused(name, method, needle):
     golden = trajectory_of(dassl_meta(name))
+    # A config whose context length fits the file, so that only the tensors tell the methods apart.
+    config = {"ctx_init": ""} if name == "vpt" else {"ctx_init": "", "n_ctx": context_length(name)}
+    if method == "dcp":
+        config["depth"] = 2  # golden-mini has 4 layers
     other = create_method(method, golden_backbone(golden), golden.classnames, config)
     with pytest.raises(DasslCheckpointError, match=needle):
         load_into_method(read_checkpoint(golden_file(name)), other)
@@ -328,6 +336,9 @@ def test_find_checkpoint_picks_the_latest_epoch_or_the_one_asked_for(tmp_path):
         find_checkpoint(tmp_path, "prompt_learner", epoch=7)
     with pytest.raises(DasslCheckpointError, match="has no model-best.pth.tar"):
         find_checkpoint(tmp_path, "prompt_learner", epoch="best")
+    assert find_checkpoint(folder / "model.pth.tar-9", "prompt_learner", epoch=9) == folder / "model.pth.tar-9"
+    with pytest.raises(DasslCheckpointError, match="is not the checkpoint of epoch 2"):
+        find_checkpoint(folder / "model.pth.tar-9", "prompt_learner", epoch=2)
     (folder / "model-best.pth.tar").write_bytes(b"x")
     assert find_checkpoint(tmp_path, "prompt_learner", epoch="best") == folder / "model-best.pth.tar"
     for epoch in (2, 10, 9):

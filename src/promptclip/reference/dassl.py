@@ -244,6 +244,10 @@ def find_checkpoint(source: str | Path, registered_name: str, epoch: int | str |
         raise DasslCheckpointError(f"{source} does not exist: pass a Dassl checkpoint file (model.pth.tar-N) or the "
                                    f"output folder of a run (holding {registered_name}/model.pth.tar-N)")
     if source.is_file():
+        wanted = None if epoch is None else BEST_FILE if str(epoch) == "best" else f"model.pth.tar-{epoch}"
+        if wanted is not None and source.name != wanted:
+            raise DasslCheckpointError(f"{source} is not the checkpoint of epoch {epoch} ({wanted}); pass the "
+                                       "folder to choose an epoch, or the file without --epoch")
         return source
     folder = source / registered_name if (source / registered_name).is_dir() else source
     files = _checkpoint_files(folder)
