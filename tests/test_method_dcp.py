@@ -17,6 +17,7 @@ from promptclip.errors import ConfigError
 from promptclip.methods import create_method, get_method_class
 from promptclip.methods.dcp import DCPConfig
 from promptclip.presets import PRESETS_DIR
+from tolerance import assert_close, assert_differ
 
 PRESETS = PRESETS_DIR / "dcp"
 
@@ -80,8 +81,8 @@ def test_reference_mode_logits_depend_on_batch_composition_as_golden(golden, ref
     assert_close_values(last_two, golden.tensors["eval.logits_batch2_last"], "eval.logits_batch2_last")
     assert_close_values(alone, golden.tensors["eval.logits_batch1"], "eval.logits_batch1")
     # The same image gets other logits in another batch: far beyond the parity tolerance.
-    assert (alone - full).abs().max() > 1e-2
-    assert (torch.cat([first_two, last_two]) - full).abs().max() > 1e-2
+    assert_differ(alone, full, rel=1e-3)
+    assert_differ(torch.cat([first_two, last_two]), full, rel=1e-3)
     assert not reference.batch_independent
 
 
@@ -129,8 +130,8 @@ def test_paper_mode_equals_each_image_alone_and_the_unrolled_exchange(golden, mi
     with torch.no_grad():
         alone = torch.cat([method({"image": images[i : i + 1]}) for i in range(len(images))])
         unrolled = torch.cat([unrolled_paper_logits(method, image) for image in images])
-    assert (logits - alone).abs().max() <= 1e-5
-    assert (logits - unrolled).abs().max() <= 1e-5
+    assert_close(alone, logits, rel=1e-5, what="one image at a time")
+    assert_close(unrolled, logits, rel=1e-5, what="unrolled exchange")
     # Per-image text: one text feature per (image, class), one set of prompt states per image.
     assert values["text_features"].shape == (len(images), len(golden.classnames), mini.config.embed_dim)
     assert values["cmpa_call0.text_prompts"].shape[0] == len(images)
@@ -142,7 +143,7 @@ def test_paper_mode_text_chunks_give_the_same_logits(golden, mini):
     chunked = dcp(mini, golden.classnames, depth=2, init_seed=3, text_chunk_size=2 * len(golden.classnames) + 1)
     images = golden.images()[:3]
     with torch.no_grad():
-        assert (whole({"image": images}) - chunked({"image": images})).abs().max() <= 1e-5
+        assert_close(chunked({"image": images}), whole({"image": images}), rel=1e-5)
 
 
 def test_paper_mode_gives_every_parameter_a_gradient(golden, mini):
@@ -158,7 +159,7 @@ def test_paper_mode_differs_from_reference_mode(golden, mini):
     paper = dcp(mini, golden.classnames, depth=2, init_seed=3)
     reference = dcp(mini, golden.classnames, depth=2, init_seed=3, mode="reference")
     with torch.no_grad():
-        assert (paper({"image": images}) - reference({"image": images})).abs().max() > 1e-2
+        assert_differ(paper({"image": images}), reference({"image": images}), rel=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -174,9 +175,9 @@ def test_pooling_decides_batch_independence(tiny, mode, pooling, independent):
     assert method.batch_independent is independent
     assert method.describe()["batch_independent"] is independent
     if independent:
-        assert (together - alone).abs().max() <= 1e-5
+        assert_close(alone, together, rel=1e-5)
     else:
-        assert (together - alone).abs().max() > 1e-4
+        assert_differ(alone, together, rel=1e-4)
 
 
 def test_fusing_first_and_max_pool_the_batch(tiny):
@@ -186,11 +187,11 @@ def test_fusing_first_and_max_pool_the_batch(tiny):
     largest = dcp(tiny, classes, depth=1, mode="reference", fusing="max")
     with torch.no_grad():
         # "first": every image gets the prompts computed from image 0's states.
-        assert (first({"image": images})[0] - first({"image": images[:1]})[0]).abs().max() <= 1e-5
-        assert (first({"image": images})[1] - first({"image": images[1:]})[0]).abs().max() > 1e-4
+        assert_close(first({"image": images[:1]})[0], first({"image": images})[0], rel=1e-5)
+        assert_differ(first({"image": images[1:]})[0], first({"image": images})[1], rel=1e-4)
         # "max": an element-wise maximum over the batch, so the order of the images does not matter.
         swapped = largest({"image": images.flip(0)}).flip(0)
-        assert (largest({"image": images}) - swapped).abs().max() <= 1e-5
+        assert_close(swapped, largest({"image": images}), rel=1e-5)
 
 
 # -- sizes, names, descriptions --------------------------------------------------------------------------------

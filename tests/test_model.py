@@ -8,6 +8,7 @@ import torch
 
 from promptclip.clip.architectures import ARCHITECTURES, build_random, recipe_state_dict, state_dict_sha256
 from promptclip.clip.model import CLIP, eot_positions
+from tolerance import assert_close
 
 GOLDEN = Path(__file__).parent / "golden"
 SOT, EOT = 49406, 49407
@@ -62,7 +63,7 @@ def test_eot_truncated_text_features_equal_full_length(tiny):
     with torch.no_grad():
         full = tiny.encode_text(tokens, truncate=False)
         cut = tiny.encode_text(tokens, truncate=True)
-    assert torch.allclose(cut, full, rtol=0, atol=1e-5)
+    assert_close(cut, full, rel=1e-5)
     # The truncated path really runs fewer positions: recompute its length from the tokens.
     assert int(eot_positions(tokens).max()) + 1 == 31
 
