@@ -44,7 +44,14 @@ class VocabularyError(PromptClipError):
 
 
 class ContextLengthError(PromptClipError, ValueError):
-    """A text encodes to more tokens than the model's context length."""
+    """A text encodes to more tokens than the model's context length (``text``, ``num_tokens`` with the start and
+    end tokens, ``context_length``)."""
+
+    def __init__(self, message: str, text: str = "", num_tokens: int | None = None, context_length: int = 77):
+        super().__init__(message)
+        self.text = text
+        self.num_tokens = num_tokens
+        self.context_length = context_length
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -186,7 +193,8 @@ def tokenize(
         ids = [tokenizer.sot_id, *tokenizer.encode(text), tokenizer.eot_id]
         if len(ids) > context_length:
             if not truncate:
-                raise ContextLengthError(_too_long_message(text, len(ids), context_length))
+                raise ContextLengthError(_too_long_message(text, len(ids), context_length), text, len(ids),
+                                         context_length)
             ids = ids[:context_length]
             ids[-1] = tokenizer.eot_id
         result[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)

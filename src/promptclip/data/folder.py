@@ -36,11 +36,13 @@ FOLDER_SPLIT_FILE = "split_promptclip.json"
 _RESERVED = {"split_fewshot"}  # our own cache folder inside a custom dataset is never a class
 
 
-def _make_splits(name: str, image_dir: Path, train, val, test, classnames, template: str, meta: dict) -> DatasetSplits:
+def _make_splits(name: str, image_dir: Path, train, val, test, classnames, template: str, meta: dict,
+                 cache_dir: Path | None = None) -> DatasetSplits:
+    cache_dir = cache_dir or image_dir / "split_fewshot"
     return DatasetSplits(
         name=name, train=train, val=val, test=test, classnames=classnames, template=template,
         templates=ensemble_templates(template), image_dir=str(image_dir),
-        meta={**meta, "fewshot_val": True, "fewshot_cache_dir": str(image_dir / "split_fewshot")},
+        meta={**meta, "fewshot_val": True, "fewshot_cache_dir": str(cache_dir)},
     )
 
 
@@ -84,13 +86,14 @@ def load_folder_dataset(
         listing, rng, str(root), p_train=p_train, p_val=p_val, strict=False, source=f"custom dataset {root}"
     )
     meta = {"split_file": str(split_path), "split_source": "generated", "split_seed": split_seed}
-    if write_split:
+    splits = _make_splits(name, root, train, val, test, sorted(listing), template, meta)  # checks the class names
+    if write_split:  # only a valid dataset gets a split file
         try:
             save_split_file(split_path, train, val, test)
-            meta["split_source"] = "generated+saved"
+            return splits.replace(meta={**splits.meta, "split_source": "generated+saved"})
         except OSError as e:
             warnings.warn(f"could not save the generated split to {split_path}: {e}", stacklevel=2)
-    return _make_splits(name, root, train, val, test, sorted(listing), template, meta)
+    return splits
 
 
 def _load_presplit(root: Path, template: str) -> DatasetSplits:
@@ -120,8 +123,12 @@ _SPLIT_VALUES = {"train": "train", "val": "val", "test": "test"}
 def _read_classnames_file(csv_path: Path) -> tuple[list[str], Path] | None:
     for cand in (csv_path.with_name(csv_path.stem + ".classnames.txt"), csv_path.with_name("classnames.txt")):
         if cand.is_file():
-            with open(cand, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
+            try:
+                with open(cand, encoding="utf-8") as f:
+                    names = [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError as err:
+                raise DataError(f"class-name file {cand} is not UTF-8 text ({err.reason} at byte {err.start})")\
+                    from None
             if not names:
                 raise DataError(f"class-name file {cand} is empty")
             if len(set(names)) != len(names):
@@ -145,8 +152,14 @@ def load_csv_dataset(
         raise DataError(f"CSV dataset file {csv_path} not found")
     csv_path = csv_path.resolve()
     base = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(cell.strip() for cell in row)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as err:
+        raise DataError(f"CSV dataset {csv_path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as "
+                        "UTF-8 (or plain ASCII) CSV with a header 'path,label[,split][,classname]'") from None
+    except csv.Error as err:
+        raise DataError(f"CSV dataset {csv_path} cannot be parsed as CSV: {err}") from None
     if not rows:
         raise DataError(f"CSV dataset {csv_path} is empty; expected a header 'path,label[,split][,classname]'")
     header = [h.strip().lower() for h in rows[0][1]]
@@ -196,7 +209,9 @@ def load_csv_dataset(
     else:
         train, val, test = _split_records(records, random.Random(split_seed), p_train, p_val, csv_path)
         meta.update(split_source="generated", split_seed=split_seed)
-    return _make_splits(csv_path.stem, base, train, val, test, classnames, template, meta)
+    # One cache folder per CSV: several CSV datasets may share a folder (and their images).
+    return _make_splits(csv_path.stem, base, train, val, test, classnames, template, meta,
+                        cache_dir=base / "split_fewshot" / csv_path.stem)
 
 
 _INT = re.compile(r"-?\d+")

@@ -106,7 +106,7 @@ def read_split(
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise DataError(f"split file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise DataError(f"split file {path} must hold a JSON object with keys 'train', 'val', 'test'")
@@ -401,7 +401,7 @@ def load_fewshot_cache(path: str | os.PathLike, splits: DatasetSplits) -> Datase
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not JSON, or not UTF-8
         raise DataError(f"few-shot cache {path} cannot be read: {e}") from None
     if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
         raise DataError(f"few-shot cache {path} is not a promptclip few-shot file (format {_CACHE_FORMAT!r})")

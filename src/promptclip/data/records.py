@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
+from .classnames import check_classnames
 
 __all__ = ["Record", "DatasetSplits", "classnames_from_records"]
 
@@ -47,9 +48,24 @@ class DatasetSplits:
     imagenet_indices: list[int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.classnames:
+            where = f"dataset {self.name}" + (f" ({self.image_dir})" if self.image_dir else "")
+            check_classnames(self.classnames, where, DataError)
+
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def nonempty(self, which: str) -> list[Record]:
+        """The records of split ``which``, or a DataError when it has none (a command that needs them)."""
+        records = self.split(which)
+        if not records:
+            subsample = self.meta.get("subsample")
+            part = f" ({subsample} classes)" if subsample else ""
+            raise DataError(f"dataset {self.name}{part} has no {which} images ({self.image_dir or 'no image folder'}; "
+                            f"split sizes {self.counts()}): check its split, or use a dataset with {which} images")
+        return records
 
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}

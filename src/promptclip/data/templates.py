@@ -9,6 +9,10 @@ Per-dataset templates follow ``CUSTOM_TEMPLATES`` of CoOp's ``trainers/zsclip.py
 
 from __future__ import annotations
 
+import string
+
+from ..errors import ConfigError
+
 __all__ = [
     "CUSTOM_TEMPLATES",
     "IMAGENET_TEMPLATES",
@@ -16,6 +20,7 @@ __all__ = [
     "PROMPTSRC_TEMPLATES",
     "DEFAULT_TEMPLATE",
     "ensemble_templates",
+    "check_template",
 ]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -208,3 +213,19 @@ def ensemble_templates(template: str, coop_name: str | None = None) -> tuple[str
     if coop_name == "ImageNet":
         return IMAGENET_TEMPLATES_SELECT
     return IMAGENET_TEMPLATES_SELECT + (template,)
+
+
+def check_template(template: str, where: str = "template") -> str:
+    """``template`` if it has exactly one ``{}`` where the class name goes (literal braces written ``{{ }}``)."""
+    if not isinstance(template, str):
+        raise ConfigError(f"{where} {template!r} is not a string")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise ConfigError(f"{where} {template!r} is not a valid template ({err}); write literal braces as {{{{ }}}}")\
+            from None
+    if fields != [""]:
+        found = "no '{}'" if not fields else f"the fields {', '.join('{' + f + '}' for f in fields)}"
+        raise ConfigError(f"{where} {template!r} has {found}: a template needs exactly one '{{}}' where the class name "
+                          "goes, e.g. 'a photo of a {}.'")
+    return template

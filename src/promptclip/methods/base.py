@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clip.model import CLIP
+from ..clip.tokenizer import ContextLengthError
 from ..config import from_dict, suggest
+from ..data.classnames import check_classnames, prompt_too_long
+from ..data.templates import check_template
 from ..errors import ConfigError
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
@@ -92,8 +95,8 @@ class PromptMethod(nn.Module):
         backbone.requires_grad_(False)
         self.clip = backbone.eval()
         self.config = config
-        self.template = template
-        self.classnames = [name.replace("_", " ") for name in classnames]
+        self.template = check_template(template) if template is not None else None
+        self.classnames = check_classnames(classnames)
         self._text_cache: tuple[tuple[bool, torch.dtype], torch.Tensor] | None = None
 
     # -- class names ---------------------------------------------------------------------------------------------
@@ -104,18 +107,24 @@ class PromptMethod(nn.Module):
         return True
 
     def set_classnames(self, classnames: list[str], template: str | None = None) -> None:
-        """Swap the class set (base → novel, cross-dataset) without touching learned tensors."""
-        if not classnames:
-            raise ConfigError("set_classnames needs at least one class name")
-        self.classnames = [name.replace("_", " ") for name in classnames]
+        """Swap the class set (base → novel, cross-dataset) without touching learned tensors.
+
+        Names are checked (:func:`promptclip.data.classnames.check_classnames`: none empty, none the same as another
+        to the text encoder) and so is every prompt built from them: one over the text context names its class."""
+        self.classnames = check_classnames(classnames)
         if template is not None:
-            self.template = template
+            self.template = check_template(template)
         self._text_cache = None
-        with torch.no_grad():
-            self.rebuild_class_buffers()
+        try:
+            with torch.no_grad():
+                self.rebuild_class_buffers()
+        except ContextLengthError as err:
+            raise prompt_too_long(err, self.classnames) from None
 
     def rebuild_class_buffers(self) -> None:
-        """Recompute class-dependent, non-learned buffers (tokenized prompts, frozen embeddings)."""
+        """Recompute class-dependent, non-learned buffers (tokenized prompts, frozen embeddings). Every prompt a
+        class name goes into must be tokenized here (or checked with :func:`.prompts.check_prompts_fit`), so that a
+        class name too long for the text context fails here, naming the class, and not in the middle of a run."""
 
     @property
     def num_classes(self) -> int:

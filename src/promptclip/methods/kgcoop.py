@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.templates import CUSTOM_TEMPLATES
+from ..data.templates import CUSTOM_TEMPLATES, check_template
 from .base import cosine_logits, reference_options, register
 from .coop import CoOp, CoOpConfig
 from .prompts import encode_texts
@@ -59,6 +59,8 @@ class KgCoOp(CoOp):
     reference_trainers = ("KgCoOp",)
 
     def __init__(self, backbone, config: KgCoOpConfig, classnames, template=None):
+        if config.kg_template:
+            check_template(config.kg_template, "kgcoop: kg_template")
         super().__init__(backbone, config, classnames, template)
         self._last_text_features: torch.Tensor | None = None
 

@@ -62,6 +62,7 @@ from .base import PromptMethod, cosine_logits, register
 from .deep import text_context
 from .prompts import (
     build_class_prompts,
+    check_prompts_fit,
     encode_text_embeddings,
     placeholder_prefix,
     prompt_texts,
@@ -295,6 +296,8 @@ class MuGCP(PromptMethod):
         self.scp_start = 1 + len(get_tokenizer().encode(self.prefix_text))
         self.register_buffer("prompt_embeds", prompts.embeddings, persistent=False)
         self.register_buffer("eot", prompts.eot, persistent=False)
+        if self.config.text_consistency_weight or self.config.logits_consistency_weight:
+            check_prompts_fit(self.clip, self.teacher_templates(), self.classnames)  # the teacher is encoded lazily
         self.register_buffer("teacher_text", None, persistent=False)
 
     # -- captions -> SCP -------------------------------------------------------------------------------------------
@@ -515,17 +518,18 @@ class MuGCP(PromptMethod):
         self._train_outputs = {"image": image, "text": text} if self.training and wants_teacher else None
         return logits
 
+    def teacher_templates(self) -> list[str]:
+        if self.config.consistency_templates == "promptsrc":
+            from ..data.templates import PROMPTSRC_TEMPLATES
+
+            return list(PROMPTSRC_TEMPLATES)
+        return [self.template or "a photo of a {}."]
+
     def teacher_text_features(self) -> torch.Tensor:
         """Frozen CLIP class features ``[C, D]`` (normalised) for the text consistency term."""
         if self.teacher_text is None:
             with torch.no_grad():
-                if self.config.consistency_templates == "promptsrc":
-                    from ..data.templates import PROMPTSRC_TEMPLATES
-
-                    templates = list(PROMPTSRC_TEMPLATES)
-                else:
-                    templates = [self.template or "a photo of a {}."]
-                self.teacher_text = template_features(self.clip, templates, self.classnames,
+                self.teacher_text = template_features(self.clip, self.teacher_templates(), self.classnames,
                                                       normalize_each=False).float()
         return self.teacher_text / self.teacher_text.norm(dim=-1, keepdim=True)
 

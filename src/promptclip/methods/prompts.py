@@ -125,6 +125,14 @@ def encode_texts(clip: CLIP, texts: list[str]) -> torch.Tensor:
     return clip.encode_text(tokens)
 
 
+def check_prompts_fit(clip: CLIP, templates: list[str], classnames: list[str]) -> None:
+    """Raise :class:`ContextLengthError` if a class name does not fit the longest of ``templates`` (tokenizing only
+    that one: the cheap upfront check of prompts that are built later, e.g. teachers' template ensembles)."""
+    tokenizer = get_tokenizer()
+    longest = max(templates, key=lambda template: len(tokenizer.encode(template.format(""))))
+    tokenize([longest.format(name) for name in classnames], context_length=clip.text.context_length)
+
+
 def template_features(clip: CLIP, templates: list[str], classnames: list[str],
                       normalize_each: bool = True) -> torch.Tensor:
     """Per-class text features averaged over ``templates`` (each L2-normalised first), ``[C, D]``, not normalised."""

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import reference_options, register
 from .ivlp import IVLP
-from .prompts import template_features
+from .prompts import check_prompts_fit, template_features
 
 #: Mass above which the Gaussian weights count as sitting on a single epoch.
 GPA_CONCENTRATED = 0.999
@@ -137,6 +137,7 @@ class PromptSRC(IVLP):
 
     def rebuild_class_buffers(self) -> None:
         super().rebuild_class_buffers()
+        check_prompts_fit(self.clip, promptsrc_templates(), self.classnames)  # the teacher is encoded lazily
         self.register_buffer("teacher_text", None, persistent=False)
 
     def teacher_text_features(self) -> torch.Tensor:

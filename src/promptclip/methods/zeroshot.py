@@ -7,8 +7,9 @@ from typing import Literal
 
 import torch
 
+from ..data.templates import check_template
 from .base import PromptMethod, cosine_logits, register
-from .prompts import template_features
+from .prompts import check_prompts_fit, template_features
 
 #: CoOp's ``IMAGENET_TEMPLATES_SELECT``: the 7-template ensemble of ``ZeroshotCLIP2``.
 IMAGENET_TEMPLATES_SELECT = [
@@ -42,7 +43,12 @@ class ZeroShotCLIP(PromptMethod):
             from ..errors import ConfigError
 
             raise ConfigError("zeroshot: templates='custom' needs custom_templates, e.g. ['a photo of a {}.']")
+        for template_text in config.custom_templates or []:
+            check_template(template_text, "zeroshot: custom template")
         self.set_classnames(classnames, template)
+
+    def rebuild_class_buffers(self) -> None:
+        check_prompts_fit(self.clip, self.templates(), self.classnames)  # encoded lazily, by class_features
 
     def templates(self) -> list[str]:
         choice = self.config.templates
