@@ -76,7 +76,12 @@ def _type_name(annotation: Any) -> str:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type."""
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and values of the wrong type.
+
+    A value the dataclass itself refuses (its ``__post_init__`` raises ValueError, whose message starts with the
+    field name by convention) becomes a ConfigError prefixed with ``where``: ``train.lr must be greater than 0``."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping of {cls.__name__} keys, got {data!r}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -91,6 +96,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         return cls(**values)
     except TypeError as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"{prefix}{err}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -29,6 +29,10 @@ class EvalConfig:
     #: Dassl's test batch (100); CMPA's reference mode is defined with 16.
     batch_size: int = 100
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size!r}")
+
 
 @dataclass
 class Preset:
@@ -56,7 +60,12 @@ def list_presets() -> list[str]:
 def load_preset(name_or_path: str | Path) -> Preset:
     """A preset by name (``maple/vit_b16_c2_ep5_batch4_2ctx``) or by the path of a YAML file."""
     path = Path(name_or_path)
+    if path.is_file() and path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"preset {path} is not a .yaml file: pass a preset name (`promptclip list presets`) or the "
+                          "path of a YAML preset")
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        if path.suffix in (".yaml", ".yml"):
+            raise ConfigError(f"preset file {path} does not exist")
         path = PRESETS_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             names = list_presets()
@@ -66,10 +75,18 @@ def load_preset(name_or_path: str | Path) -> Preset:
     else:
         name = str(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"preset {path} is not valid YAML: {err}") from None
-    return preset_from_dict(name, data, source_file=str(path))
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"preset {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a YAML mapping with the keys {', '.join(PRESET_KEYS)}; it holds a "
+                          f"{type(data).__name__}")
+    try:
+        return preset_from_dict(name, data, source_file=str(path))
+    except ConfigError as err:
+        if str(path) in str(err):
+            raise
+        raise ConfigError(f"preset {path}: {err}") from None
 
 
 def preset_from_dict(name: str, data: dict[str, Any], source_file: str = "") -> Preset:
@@ -137,7 +154,13 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         section = dict(data.get(top) or {})
         section[path[1]] = value
         data[top] = section
-    return preset_from_dict(preset.name + (" + overrides" if overrides else ""), data)
+    try:
+        return preset_from_dict(preset.name + (" + overrides" if overrides else ""), data)
+    except ConfigError as err:
+        named = [text for text in overrides if text.split("=", 1)[0].strip() in str(err)]
+        if named:
+            raise ConfigError(f"override {named[-1]!r}: {err}") from None
+        raise
 
 
 def with_train_changes(preset: Preset, **changes: Any) -> Preset:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import atomic_save_tensors, atomic_write_text, save_adapter
 from .config import to_dict
-from .errors import PromptClipError
+from .errors import ConfigError, PromptClipError
 from .evaluate import move_batch
 from .memory import DEFAULT_CHUNK_TOKENS, TextMemory, text_memory
 from .precision import autocast, resolve_precision
@@ -61,11 +61,20 @@ class TrainConfig:
     text_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self):
-        for name in ("batch_size", "max_epoch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_epoch < 0 or self.lr <= 0:
-            raise ValueError("warmup_epoch must be >= 0 and lr > 0")
+        require = (
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("max_epoch", self.max_epoch >= 1, "at least 1"),
+            ("lr", self.lr > 0, "greater than 0"),
+            ("warmup_epoch", self.warmup_epoch >= 0, "0 or more"),
+            ("warmup_lr", self.warmup_lr > 0, "greater than 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "null (no clipping) or greater than 0"),
+            ("num_workers", self.num_workers >= 0, "0 or more"),
+        )
+        for name, ok, expected in require:
+            if not ok:
+                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         self.memory_policy()  # validates text_memory and text_chunk_tokens
 
     def memory_policy(self) -> TextMemory:
@@ -380,19 +389,30 @@ def _save_train_state(out: Path, method, optimizer, config, epoch, history, fini
 def _read_train_state(out: Path, method, config, order_digest: str | None = None
                       ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | str | None:
     """The saved state of ``out`` (None: nothing saved; a string: why it cannot be resumed)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not (out / TRAIN_STATE_JSON).exists():
+    path = out / TRAIN_STATE_JSON
+    if not path.exists():
         return None
-    meta = json.loads((out / TRAIN_STATE_JSON).read_text())
-    if meta["method"] != method.name or meta["method_config"] != to_dict(method.config) \
-            or train_identity(meta["train"]) != train_identity(config):
+    start_over = f"delete {path} and {TRAIN_STATE_TENSORS.format(epoch='*')} there to start over"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        same = (meta["method"] == method.name and meta["method_config"] == to_dict(method.config)
+                and train_identity(meta["train"]) == train_identity(config))
+        tensors_path = out / meta["tensors"]
+    except (ValueError, KeyError, TypeError) as err:  # only a hand edit or another program can break it
+        return f"the training state {path} is unreadable ({type(err).__name__}: {err}); {start_over}"
+    if not same:
         return (f"{out} holds a run of another method or configuration ({meta['method']}); "
                 "use another output directory or delete it to start over")
     if meta.get("batch_order") != order_digest:
         return (f"{out} holds a run with another batch order (saved {meta.get('batch_order') or 'seeded shuffle'}, "
                 f"now {order_digest or 'seeded shuffle'}); use another output directory or delete it to start over")
-    return meta, load_file(out / meta["tensors"])
+    try:
+        return meta, load_file(tensors_path)
+    except (OSError, SafetensorError) as err:
+        return f"the training state {path} names {tensors_path}, which cannot be read ({err}); {start_over}"
 
 
 def _apply_train_state(method, optimizer, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
