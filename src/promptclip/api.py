@@ -29,7 +29,9 @@ def load_backbone(name_or_path: str | os.PathLike = "ViT-B/16", device: str = "c
     from .clip.architectures import RANDOM_ONLY
     from .clip.weights import backbone_fingerprint
     from .clip.weights import load_backbone as load_weights
+    from .device import check_device
 
+    check_device(device)
     model, _ = load_weights(name_or_path, device=device, progress=progress)
     name = os.fspath(name_or_path)
     label = Path(name).name if Path(name).exists() else name

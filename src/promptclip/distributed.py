@@ -88,10 +88,10 @@ def setup(device: str) -> tuple[Dist, str]:
         raise ConfigError(f"distributed run: environment variable(s) {', '.join(missing)} are not set; launch with "
                           "`torchrun --nproc-per-node N -m promptclip ...`")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    kind = torch.device(device).type
+    from .device import check_device
+
+    kind = torch.device(check_device(device)).type
     if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("distributed run with --device cuda, but CUDA is not available on this node")
         if device == "cuda":
             device = f"cuda:{local_rank}"
         torch.cuda.set_device(torch.device(device))
