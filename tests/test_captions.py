@@ -244,7 +244,9 @@ def test_missing_transformers_is_a_clear_error(monkeypatch):
 def test_unknown_model_path_is_a_clear_error(tmp_path, capsys):
     code = main(["captions", "build", "--dataset", "eurosat-sample", "--model", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "c.jsonl"), "--local-files-only"])
-    assert code == 2 and "cannot load" in capsys.readouterr().err
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert code == 2 and f"captioning model folder {tmp_path / 'nope'} does not exist" in err
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 # -- user files, lookup, verification -----------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def test_missing_root_errors(tmp_path):
         load_splits("eurosat", tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"dataset folder .*/eurosat not found for EuroSAT") as e:
         load_splits("eurosat", tmp_path)
-    assert "2750/" in str(e.value) and "promptclip prepare eurosat" in str(e.value)
+    assert "2750/" in str(e.value) and "promptclip data prepare eurosat" in str(e.value)
 
 
 def test_missing_split_file_without_generator(tmp_path):

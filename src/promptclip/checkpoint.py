@@ -32,6 +32,37 @@ class AdapterError(PromptClipError):
     """An adapter file is missing, corrupt, or made for another method or backbone."""
 
 
+def check_output_location(path: str | os.PathLike, directory: bool = True) -> Path:
+    """``path`` if promptclip can create or write it (a directory, or a file with ``directory=False``), without
+    creating anything; else a ConfigError naming what is in the way. Run before any work, so that a bad output path
+    fails before anything is computed or written."""
+    path = Path(path).expanduser()
+    kind = "directory" if directory else "file"
+    if path.exists():
+        if directory and not path.is_dir():
+            raise ConfigError(f"{path} is an existing file, not a directory: pass a directory (new or existing)")
+        if not directory and path.is_dir():
+            raise ConfigError(f"{path} is a directory; pass the path of a {kind}")
+        _check_writable(path if directory else path.parent, f"{path} is not writable")
+        return path
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create the {kind} {path}: {parent} is a file, not a directory")
+    _check_writable(parent, f"cannot create the {kind} {path}: {parent} is not writable")
+    return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Create and remove an empty folder in ``folder``: the one test that also holds for root, ACLs and read-only
+    mounts."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".promptclip-write-check-", dir=folder))
+    except OSError as err:
+        raise ConfigError(f"{what} ({err.strerror})") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -92,12 +123,17 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         if not p.exists():
             raise AdapterError(f"adapter file {p} does not exist (an adapter is a .safetensors + .json pair)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8
         raise AdapterError(f"adapter metadata {meta_path} is not valid JSON: {err}") from None
-    for key in ("method", "config", "backbone", "classnames"):
+    if not isinstance(meta, dict):
+        raise AdapterError(f"adapter metadata {meta_path} must be a JSON object, got {type(meta).__name__}")
+    for key, kind in (("method", str), ("config", dict), ("backbone", dict), ("classnames", list)):
         if key not in meta:
             raise AdapterError(f"adapter metadata {meta_path} has no {key!r} entry")
+        if not isinstance(meta[key], kind):
+            raise AdapterError(f"adapter metadata {meta_path}: {key!r} must be a JSON {kind.__name__}, got "
+                               f"{meta[key]!r}")
     try:
         tensors = load_file(tensors_path)
     except (SafetensorError, OSError) as err:

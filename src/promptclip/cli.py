@@ -12,6 +12,7 @@ import io
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,53 @@ DEMO_METHODS = ("zeroshot", "maple")
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one paragraph naming the option, like every other user error (no usage dump)."""
+
+    def error(self, message: str) -> None:
+        text = f"error: {self.prog}: {message} (`{self.prog} --help` lists the options)"
+        self.exit(2, textwrap.fill(text, width=118, break_long_words=False, break_on_hyphens=False) + "\n")
+
+
+def int_at_least(minimum: int, note: str = ""):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{note}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _seed(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"seeds are below 2**32 (numpy's limit), got {value}")
+    return value
+
+
+def output_location(directory: bool = True):
+    """An argparse type: a path promptclip can create or write (checked before any work; nothing is created)."""
+    def parse(text: str) -> Path:
+        from .checkpoint import check_output_location
+
+        try:
+            return check_output_location(text, directory)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = "output directory" if directory else "output file"
+    return parse
+
+
+_SHOTS = int_at_least(0, " (0 = every training image)")
 
 
 def _say(text: str = "") -> None:
@@ -158,8 +206,9 @@ def cmd_train(args) -> int:
 
     check_captions(args, preset.method, preset.method_config,
                    split_groups(args, args.dataset, "train", args.shots, args.seed, args.subsample))
-    backbone = _load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
+    splits.nonempty("train")  # data errors before any weights load
+    backbone = _load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
     from .methods import create_method
 
     method = create_method(preset.method, backbone.model, splits.classnames, preset.method_config,
@@ -191,13 +240,16 @@ def cmd_eval(args) -> int:
 
     if not args.adapter and not args.method:
         raise ConfigError("eval needs --adapter PATH (a trained run) or --method zeroshot")
+    if not args.adapter:
+        _check_learns_nothing(args.method)
     backbone_name = args.backbone
     if args.adapter and backbone_name is None:
         from .checkpoint import read_adapter
 
         backbone_name = read_adapter(_adapter_file(args.adapter))[0]["backbone"]["name"]
-    backbone = _load_backbone(backbone_name or "ViT-B/16", args.device, not args.quiet)
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
+    splits.nonempty("test")  # data errors before any weights load
+    backbone = _load_backbone(backbone_name or "ViT-B/16", args.device, not args.quiet)
     if args.adapter:
         method = load_trained(_adapter_file(args.adapter), backbone, splits.classnames, splits.template)
         if args.method and method.name != args.method:
@@ -218,13 +270,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_learns_nothing(method: str) -> None:
+    """``eval --method M`` without an adapter is for methods that learn nothing (zero-shot)."""
+    from .presets import default_preset, load_preset
+
+    if load_preset(default_preset("fewshot", method)).train is not None:
+        raise ConfigError(f"eval --method {method} without --adapter would evaluate untrained {method} prompts; pass "
+                          f"--adapter RUN_DIR (from `promptclip train --method {method}`) or use --method zeroshot")
+
+
 def _adapter_file(path: str) -> Path:
     p = Path(path)
     return p / "adapter.safetensors" if p.is_dir() else p
 
 
 def cmd_run(args) -> int:
-    from .protocols import default_shots, make_cells, run_grid
+    from .protocols import check_grid_data, default_shots, make_cells, run_grid
 
     shots = args.shots or default_shots(args.protocol)
     adapters = _method_map(args.adapter, "--adapter", "METHOD=PATH (e.g. maple=imported/{dataset}/seed{seed})")
@@ -233,6 +294,7 @@ def cmd_run(args) -> int:
     from .captions.cli import check_cells
 
     check_cells(args, cells)  # methods that need per-image captions have them (before loading weights)
+    check_grid_data(cells, args.root)  # every dataset and target loads and has images (before loading weights)
     if args.executor != "local":
         return _run_on_cluster(args, cells)
     backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
@@ -327,19 +389,23 @@ def cmd_predict(args) -> int:
     from .protocols import load_trained
 
     paths = _image_paths(args.images)
+    classnames = _classnames(args.classnames) if args.classnames else None
+    if args.template is not None:
+        from .data.templates import check_template
+
+        check_template(args.template, "--template")
     if args.adapter:
         from .checkpoint import read_adapter
 
         meta = read_adapter(_adapter_file(args.adapter))[0]
         backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args.device, not args.quiet)
-        classnames = _classnames(args.classnames) if args.classnames else None
         method = load_trained(_adapter_file(args.adapter), backbone, classnames, args.template)
         predictor = Predictor(method, backbone, args.device, args.precision or "auto")
     else:
-        if not args.classnames:
+        if not classnames:
             raise ConfigError("predict needs --adapter PATH or --classnames 'a,b,c' (zero-shot)")
         backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
-        predictor = zero_shot(_classnames(args.classnames), backbone, args.template or "a photo of a {}.",
+        predictor = zero_shot(classnames, backbone, args.template or "a photo of a {}.",
                               args.device, args.precision or "auto")
     rows = []
     for start in range(0, len(paths), args.batch_size):
@@ -357,11 +423,33 @@ def cmd_predict(args) -> int:
 
 
 def _classnames(text: str) -> list[str]:
-    path = Path(text)
-    names = path.read_text().splitlines() if path.is_file() else text.split(",")
+    """``--classnames``: comma-separated names, or a file with one name per line (a name is never a path)."""
+    from .data.classnames import check_classnames
+
+    path = Path(text).expanduser()
+    try:
+        is_file = "," not in text and path.is_file()
+    except OSError:  # e.g. a long class name is no valid file name
+        is_file = False
+    if is_file:
+        try:
+            names = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"--classnames file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        source = f"--classnames file {path}"
+    else:
+        if "," not in text and (path.suffix.lower() in (".txt", ".csv") or "/" in text):
+            raise DataError(f"--classnames {text!r} looks like a file, which does not exist: pass an existing file "
+                            "with one class name per line, or comma-separated names")
+        names = text.split(",")
+        source = f"--classnames {text!r}"
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise ConfigError(f"--classnames {text!r} gives no class name")
+        raise ConfigError(f"{source} gives no class name")
+    if len(names) < 2:
+        raise ConfigError(f"{source} gives one class name ({names[0]!r}): predict ranks classes and needs at least "
+                          "two (comma-separated, or one per line in a file)")
+    check_classnames(names, source)
     return names
 
 
@@ -429,14 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .captions.cli import add_captions_option
     from .captions.cli import add_parser as add_captions_parser
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     common.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast precision (default from the preset: auto = bf16 where the hardware has it)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    parser = argparse.ArgumentParser(prog="promptclip", description="Prompt learning on frozen CLIP models.")
+    parser = _Parser(prog="promptclip", description="Prompt learning on frozen CLIP models.")
     parser.add_argument("--version", action="version", version=f"promptclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -450,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_args(p, shots_default=16):
         p.add_argument("--dataset", required=True, help="a dataset name, eurosat-sample, folder:PATH or csv:PATH")
         p.add_argument("--root", help="data root holding the dataset folders")
-        p.add_argument("--shots", type=int, default=shots_default)
-        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--shots", type=_SHOTS, default=shots_default, help="images per class (0: every image)")
+        p.add_argument("--seed", type=_seed, default=1)
         p.add_argument("--subsample", choices=["all", "base", "new"], default="all")
 
     def config_args(p):
@@ -464,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="preset name or YAML path (default: the method's official few-shot preset)")
     data_args(p)
     config_args(p)
-    p.add_argument("--out", required=True, help="run directory (resumed if it holds an interrupted run)")
+    p.add_argument("--out", required=True, type=output_location(),
+                   help="run directory (resumed if it holds an interrupted run)")
     p.add_argument("--batch-order", metavar="FILE",
                    help="JSON list of epochs, each a list of batches of indices into the training split (in its "
                         "listed order), replacing the seeded shuffle: replays another run's order or a curriculum")
@@ -479,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="zeroshot (without --adapter), or the method the adapter must have")
     data_args(p)
     p.add_argument("--backbone", help="default: the adapter's backbone")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int_at_least(1), default=100)
     add_captions_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -487,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protocol", help="base2novel, fewshot, cross_dataset or domain_generalization")
     p.add_argument("--methods", nargs="+", required=True)
     p.add_argument("--datasets", nargs="+", required=True)
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--shots", nargs="+", type=int, help="default: 1 2 4 8 16 for fewshot, 16 otherwise")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[1, 2, 3])
+    p.add_argument("--shots", nargs="+", type=_SHOTS,
+                   help="images per class (0: every image); default: 1 2 4 8 16 for fewshot, 16 otherwise")
     p.add_argument("--targets", nargs="+", help="cross_dataset / domain_generalization targets (default: the papers')")
     p.add_argument("--preset", action="append", metavar="METHOD=PRESET", help="a non-default preset for a method")
     p.add_argument("--adapter", action="append", metavar="METHOD=PATH",
@@ -496,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "{dataset}, {seed} and {shots} in PATH are filled in per cell")
     p.add_argument("--root", help="data root holding the dataset folders")
     config_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output_location())
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     add_captions_option(p)
@@ -506,19 +596,21 @@ def build_parser() -> argparse.ArgumentParser:
                               "the same jobs as subprocesses of this machine")
     cluster.add_argument("--executor-folder", help="job scripts and logs (default OUT/submitit)")
     cluster.add_argument("--partition", help="SLURM partition")
-    cluster.add_argument("--gpus-per-job", type=int,
+    cluster.add_argument("--gpus-per-job", type=int_at_least(0),
                          help="GPUs per job (default 1 with --device cuda, else 0); more than 1 trains the cell "
                               "data-parallel over them")
-    cluster.add_argument("--cpus-per-job", type=int, help="CPUs per task")
-    cluster.add_argument("--mem-gb", type=int, help="memory per job")
-    cluster.add_argument("--time", type=int, default=24 * 60, help="time limit of one job, minutes (default 1440)")
-    cluster.add_argument("--array-parallelism", type=int, default=16, help="jobs running at once (default 16)")
+    cluster.add_argument("--cpus-per-job", type=int_at_least(1), help="CPUs per task")
+    cluster.add_argument("--mem-gb", type=int_at_least(1), help="memory per job")
+    cluster.add_argument("--time", type=int_at_least(1), default=24 * 60,
+                         help="time limit of one job, minutes (default 1440)")
+    cluster.add_argument("--array-parallelism", type=int_at_least(1), default=16,
+                         help="jobs running at once (default 16)")
     cluster.add_argument("--no-wait", action="store_true", help="submit and return instead of waiting for the jobs")
     p.set_defaults(func=cmd_run)
 
     p = add("report", "tables and plots from result records")
     p.add_argument("records", help="records.jsonl or a run output directory")
-    p.add_argument("--out", help="default: <records dir>/report")
+    p.add_argument("--out", type=output_location(), help="default: <records dir>/report")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
 
@@ -528,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", help="comma-separated names or a file with one per line")
     p.add_argument("--template", help="zero-shot template, default 'a photo of a {}.'")
     p.add_argument("--backbone")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=int_at_least(1), default=5)
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     add_captions_option(p)
     p.set_defaults(func=cmd_predict)
@@ -543,9 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "base-to-novel with MaPLe and zero-shot CLIP on the bundled EuroSAT sample, with a report")
     p.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (downloaded), a weights path, or tiny")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1])
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[1])
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--out", default="promptclip-demo")
+    p.add_argument("--out", type=output_location(), default="promptclip-demo")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_demo)
     add_captions_parser(sub)
@@ -565,20 +657,27 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = None
     try:
+        if getattr(args, "device", None) is not None:
+            from .device import check_device
+
+            check_device(args.device)
         if distributed.requested():  # started by torchrun with several processes
             if args.func not in (cmd_train, cmd_run):
                 raise ConfigError(f"`{args.command}` does not run data-parallel; only train and run do under "
                                   "torchrun (run other commands with plain `promptclip`)")
             ctx, args.device = distributed.setup(args.device)
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted: finished epochs and runs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except PromptClipError as err:
-        distributed.report_failure(ctx, str(err))
+    except (PromptClipError, OSError) as err:  # OSError: a path the user gave cannot be read or written
+        message = str(err) if isinstance(err, PromptClipError) else _os_error_message(err)
+        distributed.report_failure(ctx, message)
         if args.debug:
             raise
-        print(textwrap.fill(f"error: {err}", width=118, break_long_words=False, break_on_hyphens=False),
+        print(textwrap.fill(f"error: {message}", width=118, break_long_words=False, break_on_hyphens=False),
               file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the last line of defence: one paragraph, traceback on --debug
@@ -590,6 +689,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ctx is not None:
             distributed.shutdown()
+
+
+def _os_error_message(err: OSError) -> str:
+    where = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    what = err.strerror or type(err).__name__
+    return f"{where}: {what} ({type(err).__name__}); check the path and its permissions" if where else \
+        f"{what} ({type(err).__name__}: {err})"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for the user (``warning: ...``), not Python's file:line form."""
+    if _is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def console_main() -> None:

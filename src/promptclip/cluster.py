@@ -19,7 +19,6 @@ and trains the cell data-parallel (:mod:`promptclip.distributed`, environment fr
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,9 @@ from .protocols import (
     RunOptions,
     append_records_once,
     cell_is_busy,
+    check_grid_data,
     describe,
+    read_done_records,
     run_one,
 )
 
@@ -64,7 +65,7 @@ class ClusterOptions:
             raise ConfigError(f"cluster executor must be one of {', '.join(EXECUTORS[1:])}, got {self.executor!r}")
         for name, minimum in (("gpus_per_job", 0), ("time_min", 1), ("array_parallelism", 1)):
             if getattr(self, name) < minimum:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(self, name)}")
+                raise ConfigError(f"cluster option {name} must be at least {minimum}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -157,6 +158,7 @@ def submit_grid(cells: list[Cell], backbone: Backbone, backbone_source: str, out
     with ``cluster.wait``, wait for the jobs. Returns the records of the finished cells."""
     out = Path(out).resolve()
     folder = Path(cluster.folder).resolve() if cluster.folder else out / "submitit"
+    check_grid_data(cells, options.root, backbone)
     result = ClusterResult(folder=folder)
     pending: list[Cell] = []
     for i, cell in enumerate(cells, 1):
@@ -164,7 +166,7 @@ def submit_grid(cells: list[Cell], backbone: Backbone, backbone_source: str, out
         run_dir = cell.run_dir(out, backbone)
         done = run_dir / "records.json"
         if done.exists():
-            append_records_once(out / RECORDS_FILE, json.loads(done.read_text()))
+            append_records_once(out / RECORDS_FILE, read_done_records(done))
             result.skipped += 1
             options.log(f"{tag}: done, skipped")
         elif cell_is_busy(run_dir):
@@ -197,7 +199,7 @@ def submit_grid(cells: list[Cell], backbone: Backbone, backbone_source: str, out
     for cell in cells:
         done = cell.run_dir(out, backbone) / "records.json"
         if done.exists():
-            result.records.extend(json.loads(done.read_text()))
+            result.records.extend(read_done_records(done))
     return result
 
 

@@ -143,6 +143,12 @@ def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: li
         default_targets = CROSS_DATASET_TARGETS
     else:
         default_targets = ()
+    for what, values in (("methods", methods), ("datasets", datasets), ("seeds", seeds), ("shots", shots),
+                         ("targets", targets or [])):
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:
+            raise ConfigError(f"{what} {' '.join(map(str, values))}: {', '.join(twice)} given more than once (each "
+                              "cell of the grid runs once; list every value once)")
     for name in [*datasets, *(targets or [])]:
         check_dataset_name(name)
     cells = []
@@ -242,7 +248,7 @@ def recorded_run_ids(path: Path) -> set[str]:
     ids = set()
     if path.exists():
         for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 ids.add(json.loads(line)["run_id"])
     return ids
 
@@ -255,6 +261,7 @@ def run_grid(cells: list[Cell], backbone: Backbone, out: str | Path, options: Ru
     """Run every cell not yet finished; returns all records of the grid (old and new)."""
     options = options or RunOptions()
     out = Path(out)
+    check_grid_data(cells, options.root, backbone)
     result = GridResult()
     for i, cell in enumerate(cells, 1):
         records, status = run_one(cell, backbone, out, options, tag=f"[{i}/{len(cells)}] {describe(cell)}")
@@ -266,6 +273,30 @@ def run_grid(cells: list[Cell], backbone: Backbone, out: str | Path, options: Ru
             result.busy += 1
         result.records.extend(records)
     return result
+
+
+def check_grid_data(cells: list[Cell], root: str | None, backbone: Backbone | None = None) -> None:
+    """Before any cell runs (so before anything is written): every dataset and target of the grid loads and has the
+    images the protocol reads, and (with ``backbone``) no class name is too long for any prompt of its text
+    encoder. Each dataset is loaded once here; a cell loads its own again."""
+    from .data import load_splits
+    from .data.classnames import check_classnames
+
+    context = backbone.model.text.context_length if backbone is not None else None
+    loaded: dict[str, Any] = {}
+    for cell in cells:
+        for name in (cell.dataset, *cell.targets):
+            if name not in loaded:
+                splits = loaded[name] = load_splits(name, root)
+                if context is not None:
+                    check_classnames(splits.classnames, f"dataset {splits.name}", DataError, context)
+                splits.nonempty("test")
+        source = loaded[cell.dataset]
+        if cell.preset.train is not None and cell.adapter is None:
+            source.nonempty("train")
+        if cell.protocol == "base2novel" and source.num_classes < 2:
+            raise DataError(f"dataset {source.name} has {source.num_classes} class; base2novel splits the classes "
+                            "into a base and a novel half and needs at least 2")
 
 
 def describe(cell: Cell) -> str:
@@ -287,7 +318,7 @@ def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions
     done = run_dir / "records.json"
     main = distributed.is_main()
     with _claim(run_dir) if main else contextlib.nullcontext(True) as claimed:
-        finished = json.loads(done.read_text()) if main and claimed and done.exists() else None
+        finished = read_done_records(done) if main and claimed and done.exists() else None
         claimed, finished = distributed.broadcast_object((claimed, finished))
         if not claimed:
             options.log(f"{tag}: being run by another process ({run_dir / CLAIM_FILE} is locked), skipped")
@@ -306,6 +337,19 @@ def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions
 
 
 CLAIM_FILE = ".claim"
+
+
+def read_done_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a finished cell's done marker (written atomically, so only a hand edit can break it)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise DataError(f"{path} (the records of a finished run) is not valid JSON ({err}); delete it to run the "
+                        "cell again") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "run_id" in r for r in records):
+        raise DataError(f"{path} (the records of a finished run) is not a list of records; delete it to run the cell "
+                        "again")
+    return records
 
 
 @contextlib.contextmanager
@@ -336,9 +380,6 @@ def cell_is_busy(run_dir: Path) -> bool:
 def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions) -> list[dict[str, Any]]:
     from .data import protocol_splits
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
     started = time.perf_counter()
     subsample = "base" if cell.protocol == "base2novel" else "all"
     train_splits = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed,
@@ -346,7 +387,10 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     if cell.adapter is not None:
         method = load_trained(cell.adapter, backbone, train_splits.classnames, train_splits.template)
     else:
-        method = _build_method(cell, backbone, train_splits)
+        method = _build_method(cell, backbone, train_splits)  # a bad class name or config fails before any write
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
     if cell.preset.train is not None and cell.adapter is None:
         data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options)
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
@@ -470,13 +514,6 @@ def load_trained(adapter: str | Path, backbone: Backbone, classnames: list[str] 
         path = path / f"{ADAPTER_STEM}.safetensors"
     return load_adapter(path, backbone.model, backbone_fingerprint=backbone.fingerprint, classnames=classnames,
                         template=template)
-
-
-def device_of(name: str) -> torch.device:
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"unknown device {name!r}: {err}") from None
 
 
 __all__ = ["PROTOCOLS", "Backbone", "Cell", "RunOptions", "GridResult", "TrainConfig", "make_cells", "run_grid",

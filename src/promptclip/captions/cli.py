@@ -72,6 +72,8 @@ def check_captions(args: Any, method: str, config: Mapping[str, Any] | Any, grou
     """
     requirement = _requirement(method, config)
     if requirement is None:
+        if getattr(args, "captions", None):
+            _say(f"warning: method {method!r} does not use captions; --captions {' '.join(args.captions)} is ignored")
         return
     captions = caption_set(args)
     if captions is None:
@@ -193,6 +195,8 @@ def _mask(args: Any) -> int:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``captions`` under the main parser's sub-commands."""
+    from ..cli import int_at_least, output_location
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bar")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -217,22 +221,23 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="transformers image-text-to-text model: hub name (e.g. Qwen/Qwen2-VL-2B-Instruct, "
                         "llava-hf/llava-1.5-7b-hf, Salesforce/blip-image-captioning-large) or local folder")
-    p.add_argument("--out", required=True, help="the JSONL cache (created, or resumed when it exists)")
+    p.add_argument("--out", required=True, type=output_location(directory=False),
+                   help="the JSONL cache (created, or resumed when it exists)")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
                    help="fixed instruction; must not reveal the label set (default: a generic description request)")
     p.add_argument("--instruction-file", help="read the instruction from a file")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
                    help="chat: instruction through the chat template; prefix: BLIP-style text prefix; none: image "
                         "only; auto: chat when the processor has a chat template, else none")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=48)
+    p.add_argument("--num-beams", type=int_at_least(1), default=1)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--revision", help="hub revision (commit) of the model, for exact provenance")
     p.add_argument("--local-files-only", action="store_true", help="never download (offline)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code from the hub")
-    p.add_argument("--limit", type=int, help="caption at most N images (trial runs)")
+    p.add_argument("--limit", type=int_at_least(1), help="caption at most N images (trial runs)")
     p.set_defaults(func=cmd_captions)
 
     p = actions.add_parser("verify", parents=[common], help="coverage, missing images, provenance, label leakage",
@@ -250,7 +255,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                        "ground truth, which would itself leak the label) by a neutral token.")
     p.add_argument("file")
     dataset_args(p, required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output_location(directory=False))
     p.add_argument("--token", default=DEFAULT_MASK, help=f"replacement (default {DEFAULT_MASK!r})")
     p.set_defaults(func=cmd_captions)
     return parser

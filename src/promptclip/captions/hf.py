@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +85,10 @@ class HFCaptioner:
             raise ConfigError(f"unknown prompt style {prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}")
         if max_new_tokens < 1 or num_beams < 1:
             raise ConfigError("max_new_tokens and num_beams must be at least 1")
+        local = Path(model).expanduser()
+        if model.startswith(("/", "./", "../", "~")) and not local.is_dir():
+            raise ConfigError(f"captioning model folder {local} does not exist (a local model is a folder saved with "
+                              "save_pretrained; a hub model is named like Qwen/Qwen2-VL-2B-Instruct)")
         self.model_id = model
         self.device = torch.device(device)
         self.dtype_name = dtype

@@ -141,7 +141,8 @@ def load_benchmark(
         if root is None:
             raise DataError(
                 f"dataset {spec.name!r} needs a data root: pass root=DIR where DIR contains the folder "
-                f"'{spec.dataset_dir}/' (layout: see docs/datasets.md, or run `promptclip prepare {spec.name}`)"
+                f"'{spec.dataset_dir}/' (layout: see docs/datasets.md, or run "
+                f"`promptclip data prepare {spec.name} --root DIR`)"
             )
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
@@ -150,7 +151,7 @@ def load_benchmark(
     if not dataset_dir.is_dir():
         raise DataError(
             f"dataset folder {dataset_dir} not found for {spec.title}. Expected layout under the root:\n{spec.layout}\n"
-            f"Run `promptclip prepare {spec.name} --root {root_path}` or see docs/datasets.md"
+            f"Run `promptclip data prepare {spec.name} --root {root_path}` or see docs/datasets.md"
         )
     image_dir = spec.image_path(root_path).resolve()
     if not image_dir.is_dir():

@@ -285,6 +285,8 @@ def prepare(
     if root is None:
         raise DataError(f"prepare {spec.name}: pass root=DIR, the folder that will hold '{spec.dataset_dir}/'")
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"prepare {spec.name}: the data root {root} is a file, not a directory")
     root.mkdir(parents=True, exist_ok=True)
     dataset_dir = spec.dataset_path(root)
     report = PrepareReport(spec.name, str(root), str(dataset_dir))
