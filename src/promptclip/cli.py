@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .argtypes import SHOTS, int_at_least, output_location, seed
 from .errors import ConfigError, DataError, PromptClipError
 
 RANDOM_BANNER = "RANDOM WEIGHTS: backbone '{}' has random weights, accuracy is meaningless (pipeline check only)"
@@ -35,43 +36,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, textwrap.fill(text, width=118, break_long_words=False, break_on_hyphens=False) + "\n")
 
 
-def int_at_least(minimum: int, note: str = ""):
-    """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}{note}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _seed(text: str) -> int:
-    value = int_at_least(0)(text)
-    if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"seeds are below 2**32 (numpy's limit), got {value}")
-    return value
-
-
-def output_location(directory: bool = True):
-    """An argparse type: a path promptclip can create or write (checked before any work; nothing is created)."""
-    def parse(text: str) -> Path:
-        from .checkpoint import check_output_location
-
-        try:
-            return check_output_location(text, directory)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    parse.__name__ = "output directory" if directory else "output file"
-    return parse
-
-
-_SHOTS = int_at_least(0, " (0 = every training image)")
 
 
 def _say(text: str = "") -> None:
@@ -447,8 +411,8 @@ def _classnames(text: str) -> list[str]:
     if not names:
         raise ConfigError(f"{source} gives no class name")
     if len(names) < 2:
-        raise ConfigError(f"{source} gives one class name ({names[0]!r}): predict ranks classes and needs at least "
-                          "two (comma-separated, or one per line in a file)")
+        raise ConfigError(f"{source} gives one class name ({names[0]!r}): classifying needs at least two "
+                          "(comma-separated, or one per line in a file)")
     check_classnames(names, source)
     return names
 
@@ -538,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_args(p, shots_default=16):
         p.add_argument("--dataset", required=True, help="a dataset name, eurosat-sample, folder:PATH or csv:PATH")
         p.add_argument("--root", help="data root holding the dataset folders")
-        p.add_argument("--shots", type=_SHOTS, default=shots_default, help="images per class (0: every image)")
-        p.add_argument("--seed", type=_seed, default=1)
+        p.add_argument("--shots", type=SHOTS, default=shots_default, help="images per class (0: every image)")
+        p.add_argument("--seed", type=seed, default=1)
         p.add_argument("--subsample", choices=["all", "base", "new"], default="all")
 
     def config_args(p):
@@ -576,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protocol", help="base2novel, fewshot, cross_dataset or domain_generalization")
     p.add_argument("--methods", nargs="+", required=True)
     p.add_argument("--datasets", nargs="+", required=True)
-    p.add_argument("--seeds", nargs="+", type=_seed, default=[1, 2, 3])
-    p.add_argument("--shots", nargs="+", type=_SHOTS,
+    p.add_argument("--seeds", nargs="+", type=seed, default=[1, 2, 3])
+    p.add_argument("--shots", nargs="+", type=SHOTS,
                    help="images per class (0: every image); default: 1 2 4 8 16 for fewshot, 16 otherwise")
     p.add_argument("--targets", nargs="+", help="cross_dataset / domain_generalization targets (default: the papers')")
     p.add_argument("--preset", action="append", metavar="METHOD=PRESET", help="a non-default preset for a method")
@@ -635,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "base-to-novel with MaPLe and zero-shot CLIP on the bundled EuroSAT sample, with a report")
     p.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (downloaded), a weights path, or tiny")
-    p.add_argument("--seeds", nargs="+", type=_seed, default=[1])
+    p.add_argument("--seeds", nargs="+", type=seed, default=[1])
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", type=output_location(), default="promptclip-demo")
     p.add_argument("--no-plots", action="store_true")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import int_at_least, output_location
 from ..errors import ConfigError, DataError
 from .build import SPLITS, build_captions, dataset_items, image_items, verify_captions
 from .leak import DEFAULT_MASK, mask_class_names
@@ -195,8 +196,6 @@ def _mask(args: Any) -> int:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``captions`` under the main parser's sub-commands."""
-    from ..cli import int_at_least, output_location
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bar")
     common.add_argument("--debug", action="store_true", help="show tracebacks")

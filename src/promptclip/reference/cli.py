@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import output_location
 from ..errors import ConfigError
 
 
@@ -31,7 +32,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("source", help="a checkpoint file (model.pth.tar-N, model-best.pth.tar) or a Dassl output folder")
     p.add_argument("--method", required=True,
                    help="the method that wrote it: coop, cocoop, kgcoop, maple, ivlp, vpt, promptsrc or dcp (CMPA)")
-    p.add_argument("--out", required=True, help="folder for adapter.safetensors + adapter.json")
+    p.add_argument("--out", required=True, type=output_location(),
+                   help="folder for adapter.safetensors + adapter.json")
     p.add_argument("--epoch", help="N for model.pth.tar-N, best for model-best.pth.tar (default: the latest epoch)")
     p.add_argument("--preset", help="preset whose method_config matches the run (default: the official config of "
                                     "the method's released checkpoints; see `promptclip list presets`)")
