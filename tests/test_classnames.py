@@ -59,6 +59,10 @@ def test_every_method_names_the_class_whose_prompt_exceeds_the_context(name, tin
     message = str(info.value)
     assert "is 100 tokens long" in message and "context of 77" in message and "word word" in message
     assert info.value.num_tokens > 77 and info.value.context_length == 77
+    method = create_method(name, tiny, ["cat", "dog"], CONFIGS.get(name))
+    with pytest.raises(ContextLengthError, match="is 100 tokens long"):
+        method.set_classnames(["dog", long])
+    assert method.classnames == ["cat", "dog"]  # the method keeps its class set
 
 
 def test_the_budget_message_counts_the_prompt_around_the_name(tiny):

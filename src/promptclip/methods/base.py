@@ -110,7 +110,9 @@ class PromptMethod(nn.Module):
         """Swap the class set (base → novel, cross-dataset) without touching learned tensors.
 
         Names are checked (:func:`promptclip.data.classnames.check_classnames`: none empty, none the same as another
-        to the text encoder) and so is every prompt built from them: one over the text context names its class."""
+        to the text encoder) and so is every prompt built from them: one over the text context names its class, and
+        the method keeps its previous class set."""
+        previous = (self.classnames, self.template)
         self.classnames = check_classnames(classnames)
         if template is not None:
             self.template = check_template(template)
@@ -119,7 +121,12 @@ class PromptMethod(nn.Module):
             with torch.no_grad():
                 self.rebuild_class_buffers()
         except ContextLengthError as err:
-            raise prompt_too_long(err, self.classnames) from None
+            error = prompt_too_long(err, self.classnames)
+            if previous != (self.classnames, self.template):  # a swap (not the constructor): undo it
+                self.classnames, self.template = previous
+                with torch.no_grad():
+                    self.rebuild_class_buffers()
+            raise error from None
 
     def rebuild_class_buffers(self) -> None:
         """Recompute class-dependent, non-learned buffers (tokenized prompts, frozen embeddings). Every prompt a
