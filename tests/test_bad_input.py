@@ -213,6 +213,26 @@ CASES: dict[str, Case] = {
                                     out_files={"train_state.json": '{"method": "coop", "epo'}),
     "finished cell marker not JSON": Case(SMALL_RUN, ["records.json", "is not valid JSON", "delete it"],
                                           out_files={"<cell>/records.json": "[{"}),
+    # -- train --batch-order / --init-adapter, run --adapter, import ------------------------------------------------
+    "--batch-order missing": Case([*TRAIN, "--batch-order", "<inputs>/none.json"], ["<inputs>/none.json"]),
+    "--batch-order not JSON": Case([*TRAIN, "--batch-order", "<file>"], ["batch order file <file>"]),
+    "--batch-order index out of range": Case([*TRAIN, "--batch-order", "<range_order>"],
+                                             ["index 99999", "the dataset has 10 samples"]),
+    "--init-adapter missing": Case([*TRAIN, "--init-adapter", "<inputs>/none"], ["<inputs>/none.safetensors"]),
+    "run --adapter without =": Case([*RUN, "--adapter", "coop"], ["--adapter 'coop'", "METHOD=PATH"]),
+    "run --adapter for another method": Case([*RUN, "--adapter", "maple=<adapter>"], ["--adapter for maple"]),
+    "import missing source": Case(["import", "<inputs>/none", "--method", "coop", "--out", "<out>", "--dataset",
+                                   "eurosat-sample"], ["<inputs>/none does not exist"]),
+    "import not a checkpoint": Case(["import", "<file>", "--method", "coop", "--out", "<out>", "--dataset",
+                                     "eurosat-sample"], ["<file>", "not a complete torch.save archive"]),
+    "import --epoch abc": Case(["import", "<file>", "--method", "coop", "--out", "<out>", "--dataset", "eurosat-sample",
+                                "--epoch", "abc"], ["--epoch 'abc'"]),
+    "import --out is a file": Case(["import", "<file>", "--method", "coop", "--out", "<file>", "--dataset",
+                                    "eurosat-sample"], ["argument --out", "<file> is an existing file"]),
+    "import --dataset and --classnames": Case(["import", "<file>", "--method", "coop", "--out", "<out>", "--dataset",
+                                               "eurosat-sample", "--classnames", "a,b"], ["--dataset or --classnames"]),
+    "import duplicate --classnames": Case(["import", "<file>", "--method", "coop", "--out", "<out>", "--classnames",
+                                           "cat,Cat"], ["'cat' = 'Cat'"]),
     # -- captions (MuGCP) ------------------------------------------------------------------------------------------
     "mugcp without captions": Case([*TRAIN[:2], "mugcp", *TRAIN[3:]], ["'mugcp' needs one caption per image"]),
     "mugcp with captions for one image": Case([*TRAIN[:2], "mugcp", *TRAIN[3:], "--captions", "<partial_captions>"],
@@ -265,11 +285,13 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     for name, text in presets.items():
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
+    (root / "range_order.json").write_text("[[[0, 99999]]]")
     paths = {"inputs": root, "file": root / "afile", "empty": root / "empty", "img": image,
              **{f"{n}_folder": root / f"{n}_folder" for n in ("dup", "hole")}, "one_class": root / "one_class",
              "two_class": root / "two_class",
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
-             **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv"}
+             **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
+             "range_order": root / "range_order.json"}
     # A trained adapter (one epoch on 10 images), and damaged copies of it.
     adapter = root / "adapter"
     assert main(["train", "--method", "coop", "--dataset", f"folder:{root / 'two_class'}", "--shots", "1", "--set",
