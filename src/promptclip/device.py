@@ -40,7 +40,7 @@ def _check_cuda(name: str, device: torch.device) -> str:
             torch.cuda.init()
             reason = "torch.cuda.is_available() is False"
         except Exception as err:  # noqa: BLE001 - its message is the reason we report
-            reason = " ".join(str(err).split())
+            reason = " ".join(str(err).split()).rstrip(".")
         raise ConfigError(f"--device {name}: torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable "
                           f"GPU: {reason}. Check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use "
                           "--device cpu")
