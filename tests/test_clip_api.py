@@ -65,7 +65,12 @@ def test_load_returns_model_and_preprocess(name):
 def test_load_from_path_and_download_root(tmp_path):
     source = clip.build_random("tiny", seed=3)
     torch.save(source.state_dict(), tmp_path / "ViT-T.pt")
-    model, preprocess = clip.load(str(tmp_path / "ViT-T.pt"), device="cpu", download_root=tmp_path / "unused")
+    from promptclip.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="does not say which activation"):  # a state dict does not say it
+        clip.load(str(tmp_path / "ViT-T.pt"))
+    model, preprocess = clip.load(str(tmp_path / "ViT-T.pt"), device="cpu", download_root=tmp_path / "unused",
+                                  quick_gelu=True)
     assert W.backbone_fingerprint(model) == W.backbone_fingerprint(source)
     assert preprocess(_pil(2)).shape == (3, 224, 224)
     with pytest.warns(UserWarning, match="jit=True"):

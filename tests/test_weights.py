@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from promptclip.clip import weights as W
-from promptclip.clip.architectures import ARCHITECTURES, build_random, config_from_state_dict
+from promptclip.clip.architectures import ARCHITECTURES, SHAPE_FIELDS, build_random, config_from_state_dict
 from promptclip.clip.model import CLIP
 from promptclip.errors import PromptClipError, WeightsError
 from tolerance import assert_close
@@ -268,7 +268,7 @@ def test_torchscript_archive_like_openai(tmp_path, tiny):
 def test_state_dict_pt_nested_with_module_prefix(tmp_path, tiny):
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in tiny.state_dict().items()}}
     torch.save(wrapped, tmp_path / "ckpt.pt")
-    loaded = W.load_model(tmp_path / "ckpt.pt")
+    loaded = W.load_model(tmp_path / "ckpt.pt", quick_gelu=True)
     assert_same_state(loaded, tiny)
     assert_same_outputs(loaded, tiny)
 
@@ -277,25 +277,25 @@ def test_state_dict_bin_legacy_format_under_model(tmp_path, tiny):
     torch.save({"model": dict(tiny.state_dict())}, tmp_path / "weights.bin", _use_new_zipfile_serialization=False)
     assert (tmp_path / "weights.bin").read_bytes()[:1] == b"\x80"  # a raw pickle stream, not a zip
     assert W.detect_format(tmp_path / "weights.bin") == "torch"
-    assert_same_outputs(W.load_model(tmp_path / "weights.bin"), tiny)
+    assert_same_outputs(W.load_model(tmp_path / "weights.bin", quick_gelu=True), tiny)
 
 
 def test_state_dict_safetensors_and_content_not_suffix(tmp_path, tiny):
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    assert_same_outputs(W.load_model(tmp_path / "w.safetensors"), tiny)
+    assert_same_outputs(W.load_model(tmp_path / "w.safetensors", quick_gelu=True), tiny)
     # The same bytes under a misleading suffix are still read as safetensors.
     (tmp_path / "misnamed.pt").write_bytes((tmp_path / "w.safetensors").read_bytes())
     assert W.detect_format(tmp_path / "misnamed.pt") == "safetensors"
-    assert_same_outputs(W.load_model(tmp_path / "misnamed.pt"), tiny)
+    assert_same_outputs(W.load_model(tmp_path / "misnamed.pt", quick_gelu=True), tiny)
     torch.save(tiny.state_dict(), tmp_path / "misnamed.safetensors")
     assert W.detect_format(tmp_path / "misnamed.safetensors") == "torch"
-    assert_same_outputs(W.load_model(tmp_path / "misnamed.safetensors"), tiny)
+    assert_same_outputs(W.load_model(tmp_path / "misnamed.safetensors", quick_gelu=True), tiny)
 
 
 def test_resnet_round_trip(tmp_path):
     rn = build_random("tiny-rn", seed=7)
     torch.save(rn.state_dict(), tmp_path / "rn.pt")
-    loaded = W.load_model(tmp_path / "rn.pt")
+    loaded = W.load_model(tmp_path / "rn.pt", quick_gelu=True)
     assert not loaded.is_vit
     assert loaded.config == ARCHITECTURES["tiny-rn"]
     assert_same_state(loaded, rn)
@@ -306,7 +306,7 @@ def test_resnet_round_trip(tmp_path):
 def test_fp16_checkpoint_loads_as_frozen_fp32_eval(tmp_path, tiny):
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in tiny.state_dict().items()}
     torch.save(half, tmp_path / "half.pt")
-    model = W.load_model(tmp_path / "half.pt")
+    model = W.load_model(tmp_path / "half.pt", quick_gelu=True)
     assert not model.training and all(not m.training for m in model.modules())
     params = list(model.parameters())
     assert params and all(p.dtype == torch.float32 and not p.requires_grad for p in params)
@@ -314,12 +314,17 @@ def test_fp16_checkpoint_loads_as_frozen_fp32_eval(tmp_path, tiny):
         assert torch.equal(value, half[key].float()), key
 
 
-def test_quick_gelu_override(tmp_path, tiny):
+def test_plain_state_dict_needs_its_activation_stated(tmp_path, tiny):
     torch.save(tiny.state_dict(), tmp_path / "t.pt")
-    assert W.load_model(tmp_path / "t.pt").config.quick_gelu is True
+    with pytest.raises(WeightsError, match="does not say which activation") as info:
+        W.load_model(tmp_path / "t.pt")
+    assert "--gelu or --quick-gelu" in str(info.value) and "quick_gelu=True/False" in str(info.value)
+    assert W.load_model(tmp_path / "t.pt", quick_gelu=True).config.quick_gelu is True
     model = W.load_model(tmp_path / "t.pt", quick_gelu=False)
     assert model.config.quick_gelu is False
     assert isinstance(model.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    # The activation changes the features and so the fingerprint: an adapter cannot load onto the other one.
+    assert W.backbone_fingerprint(model) != W.backbone_fingerprint(tiny)
 
 
 def test_random_backbones_by_name():
@@ -337,9 +342,14 @@ def test_architecture_inference_for_every_architecture(name):
     config = ARCHITECTURES[name]
     with torch.device("meta"):
         state_dict = CLIP(config).state_dict()
-    assert config_from_state_dict(state_dict) == config
-    # Our loader on the same (meta, shape-only) state dict builds that architecture without complaint.
-    model = W.model_from_state_dict(state_dict, source=name)
+    # The shapes give everything but the activation and the heads (width // 64 unless told otherwise).
+    plain = config_from_state_dict(state_dict, quick_gelu=config.quick_gelu, vision_head_width=64)
+    assert all(getattr(plain, f) == getattr(config, f) for f in SHAPE_FIELDS)
+    assert plain.vision_heads == config.vision_width * (1 if config.is_vit else 32) // 64
+    # The loader takes the heads of the known architecture with these shapes, silently (no assumption made).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = W.model_from_state_dict(state_dict, quick_gelu=config.quick_gelu, source=name)
     assert model.config == config
     assert model.is_vit == isinstance(config.vision_layers, int)
 
@@ -630,18 +640,18 @@ def test_error_missing_unexpected_and_shape_mismatch(tmp_path, tiny):
     dropped = {k: v for k, v in state.items() if k != "visual.ln_post.bias"}
     torch.save(dropped, tmp_path / "dropped.pt")
     with pytest.raises(WeightsError) as info:
-        W.load_model(tmp_path / "dropped.pt")
+        W.load_model(tmp_path / "dropped.pt", quick_gelu=True)
     message = str(info.value)
     assert "1 missing keys: visual.ln_post.bias" in message and str(tmp_path / "dropped.pt") in message
     assert "unexpected keys" not in message and "shape" not in message
 
     torch.save({**state, "visual.extra_head.weight": torch.zeros(3)}, tmp_path / "extra.pt")
     with pytest.raises(WeightsError, match="1 unexpected keys: visual.extra_head.weight"):
-        W.load_model(tmp_path / "extra.pt")
+        W.load_model(tmp_path / "extra.pt", quick_gelu=True)
 
     torch.save({**state, "ln_final.bias": torch.zeros(5)}, tmp_path / "shape.pt")
     with pytest.raises(WeightsError, match=r"shape mismatches: ln_final.bias: file \(5,\) vs model \(128,\)"):
-        W.load_model(tmp_path / "shape.pt")
+        W.load_model(tmp_path / "shape.pt", quick_gelu=True)
 
 
 def test_error_many_missing_keys_are_previewed(tmp_path, tiny):
@@ -650,7 +660,7 @@ def test_error_many_missing_keys_are_previewed(tmp_path, tiny):
     assert len(dropped) == 22
     torch.save({k: v for k, v in tiny.state_dict().items() if k not in dropped}, tmp_path / "partial.pt")
     with pytest.raises(WeightsError) as info:
-        W.load_model(tmp_path / "partial.pt")
+        W.load_model(tmp_path / "partial.pt", quick_gelu=True)
     message = str(info.value)
     assert "22 missing keys: " in message and "(22 in all)" in message
     listed = message.split("22 missing keys: ")[1].split(", ... (22 in all)")[0].split(", ")
@@ -700,7 +710,7 @@ def test_fingerprint(tmp_path, tiny):
     assert fp == reference_fingerprint(tiny.state_dict())
     assert W.backbone_fingerprint(tiny.state_dict()) == fp
     torch.save(tiny.state_dict(), tmp_path / "t.pt")
-    assert W.backbone_fingerprint(W.load_model(tmp_path / "t.pt")) == fp
+    assert W.backbone_fingerprint(W.load_model(tmp_path / "t.pt", quick_gelu=True)) == fp
     assert W.backbone_fingerprint(build_random("tiny", seed=1)) != fp
     changed = {k: v.clone() for k, v in tiny.state_dict().items()}
     changed["ln_final.weight"][0] += 1e-3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,35 @@ from .precision import autocast
 from .protocols import Backbone
 
 
-def load_backbone(name_or_path: str | os.PathLike = "ViT-B/16", device: str = "cpu",
-                  progress: bool = True) -> Backbone:
-    """A frozen CLIP by registry name (downloaded and verified), ``tiny`` (random weights) or local path."""
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which backbone to load: ``source`` (a registry or open_clip name, a path, ``tiny``) plus what a plain weights
+    file cannot say about itself: ``arch`` (an architecture name or open_clip config file) and ``quick_gelu``."""
+
+    source: str
+    arch: str | None = None
+    quick_gelu: bool | None = None
+
+
+def load_backbone(name_or_path: str | os.PathLike | BackboneSpec = "ViT-B/16", device: str = "cpu",
+                  progress: bool = True, quick_gelu: bool | None = None, arch: str | os.PathLike | None = None
+                  ) -> Backbone:
+    """A frozen CLIP by registry name (downloaded and verified: OpenAI's ``ViT-B/16``, open_clip's
+    ``open_clip:ViT-B-16/laion2b_s34b_b88k``), ``tiny`` (random weights) or local path.
+
+    A plain state dict does not say its activation: give ``quick_gelu`` (or ``arch``, an architecture name such as
+    ``ViT-H-14`` or an open_clip config file), or it is an error that says so. A :class:`BackboneSpec` carries the
+    three together.
+    """
     from .clip.architectures import RANDOM_ONLY
     from .clip.weights import backbone_fingerprint
     from .clip.weights import load_backbone as load_weights
     from .device import check_device
 
     check_device(device)
-    model, _ = load_weights(name_or_path, device=device, progress=progress)
+    if isinstance(name_or_path, BackboneSpec):
+        name_or_path, arch, quick_gelu = name_or_path.source, name_or_path.arch, name_or_path.quick_gelu
+    model, _ = load_weights(name_or_path, device=device, progress=progress, quick_gelu=quick_gelu, arch=arch)
     name = os.fspath(name_or_path)
     label = Path(name).name if Path(name).exists() else name
     return Backbone(model, label, backbone_fingerprint(model), random_weights=name in RANDOM_ONLY)
@@ -48,7 +68,8 @@ class Predictor:
         self.backbone = backbone
         self.device = device
         self.precision = precision
-        self.transform = EvalTransform(backbone.model.visual.input_resolution)
+        config = backbone.model.config
+        self.transform = EvalTransform(backbone.model.visual.input_resolution, config.image_mean, config.image_std)
 
     @property
     def classnames(self) -> list[str]:

@@ -184,5 +184,6 @@ def _check_backbone(path: str | Path, meta: Mapping[str, Any], fingerprint: str 
     if fingerprint is not None and saved.get("fingerprint") != fingerprint:
         raise AdapterError(
             f"adapter {path} was trained on backbone {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}); "
-            f"the loaded backbone has fingerprint {fingerprint}. Load the same backbone weights."
+            f"the loaded backbone has fingerprint {fingerprint}. Load the same backbone weights, with the same "
+            f"activation and architecture (--gelu/--quick-gelu/--backbone-arch), which the fingerprint covers."
         )

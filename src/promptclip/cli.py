@@ -46,8 +46,11 @@ def _say(text: str = "") -> None:
 def _banner(text: str) -> None:
     if not _is_main():
         return
-    line = "!" * min(len(text) + 4, 118)
-    print(f"{line}\n! {text} !\n{line}", file=sys.stderr, flush=True)
+    lines = textwrap.wrap(text, 114, break_long_words=False, break_on_hyphens=False) or [""]
+    width = max(len(line) for line in lines)
+    bar = "!" * (width + 4)
+    body = "\n".join(f"! {line.ljust(width)} !" for line in lines)
+    print(f"{bar}\n{body}\n{bar}", file=sys.stderr, flush=True)
 
 
 def _is_main() -> bool:
@@ -57,12 +60,47 @@ def _is_main() -> bool:
     return is_main()
 
 
-def _load_backbone(name: str, device: str, progress: bool = True):
+def _add_backbone_options(p, help_text: str, default: str | None = None) -> None:
+    p.add_argument("--backbone", default=default, help=help_text + " (`promptclip list backbones`)")
+    p.add_argument("--backbone-arch", metavar="NAME|FILE",
+                   help="architecture of a weights file that does not declare it: a name (ViT-B-16, ViT-H-14, "
+                        "ViT-B-16-quickgelu, ViT-B/16, ...) or an open_clip config JSON (open_clip_config.json)")
+    activation = p.add_mutually_exclusive_group()
+    activation.add_argument("--gelu", dest="quick_gelu", action="store_const", const=False,
+                            help="the weights use GELU (open_clip's LAION-2B, DataComp, ... models)")
+    activation.add_argument("--quick-gelu", dest="quick_gelu", action="store_const", const=True,
+                            help="the weights use QuickGELU (OpenAI's, MetaCLIP, DFN, open_clip's *-quickgelu)")
+
+
+def _backbone_spec(name: str, args):
+    """The backbone to load: ``name`` plus the --backbone-arch / --gelu / --quick-gelu hints, with paths made
+    absolute (cluster jobs may start in another directory)."""
+    from .api import BackboneSpec
+
+    arch = getattr(args, "backbone_arch", None)
+    if arch and Path(arch).expanduser().is_file():
+        arch = str(Path(arch).expanduser().resolve())
+    if Path(name).expanduser().exists():
+        name = str(Path(name).expanduser().resolve())
+    return BackboneSpec(name, arch, getattr(args, "quick_gelu", None))
+
+
+def _load_backbone(name: str, args, device: str | None = None):
+    import warnings
+
     from .api import load_backbone
     from .distributed import main_first
+    from .errors import BackboneWarning
 
-    with main_first():  # under torchrun, rank 0 downloads into the cache before the others read it
-        backbone = load_backbone(name, device=device, progress=progress and _is_main())
+    with main_first(), warnings.catch_warnings(record=True) as caught:  # rank 0 downloads before the others read
+        warnings.simplefilter("always", BackboneWarning)
+        backbone = load_backbone(_backbone_spec(name, args), device=device or args.device,
+                                 progress=not args.quiet and _is_main())
+    for warning in caught:
+        if issubclass(warning.category, BackboneWarning):
+            _banner(f"WARNING: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(name))
     else:
@@ -127,15 +165,7 @@ def cmd_list(args) -> int:
             spec = get_spec(name)
             _say(f"{name:16s} {getattr(spec, 'num_classes', '') or '':>5} classes  template {spec.template!r}")
     elif args.what == "backbones":
-        from .clip.architectures import RANDOM_ONLY
-        from .clip.weights import PRETRAINED, cache_dir
-
-        for name, entry in PRETRAINED.items():
-            cached = (cache_dir() / entry.filename).exists()
-            _say(f"{name:16s} {'cached' if cached else 'downloads on first use'}  {entry.url}")
-        for name in RANDOM_ONLY:
-            _say(f"{name:16s} random weights (tests and pipeline checks only)")
-        _say("or a path: an OpenAI .pt (TorchScript or state dict), a .safetensors/.bin state dict, an HF CLIP folder")
+        _list_backbones()
     else:
         from .presets import list_presets, load_preset
 
@@ -146,6 +176,32 @@ def cmd_list(args) -> int:
                        else "no training")
             _say(f"{name:60s} {summary}")
     return 0
+
+
+def _list_backbones() -> None:
+    from .clip.architectures import RANDOM_ONLY
+    from .clip.model import OPENAI_MEAN
+    from .clip.openclip import OPEN_CLIP_PRETRAINED, cached_file
+    from .clip.weights import PRETRAINED, cache_dir
+
+    _say("OpenAI (QuickGELU; downloaded from OpenAI, sha256-verified):")
+    for name, entry in PRETRAINED.items():
+        cached = (cache_dir() / entry.filename).exists()
+        _say(f"  {name:16s} {'cached' if cached else 'downloads on first use'}  {entry.url}")
+    _say("open_clip (downloaded from the Hugging Face Hub with huggingface_hub, pip install \"promptclip[hf]\"):")
+    for name, entry in OPEN_CLIP_PRETRAINED.items():
+        config = entry.config
+        details = ["QuickGELU" if entry.quick_gelu else "GELU"]
+        if config.vision_head_width != 64:
+            details.append(f"image heads {config.vision_heads} x {config.vision_head_width}")
+        if config.image_mean != OPENAI_MEAN:
+            details.append(f"mean/std {config.image_mean}/{config.image_std}")
+        status = "cached" if cached_file(entry.hf_hub) else "downloads on first use"
+        _say(f"  {name:46s} {', '.join(details)}; {status}  hf-hub:{entry.hf_hub}")
+    _say("test backbones (random weights, for tests and pipeline checks only): " + ", ".join(RANDOM_ONLY))
+    _say("or hf-hub:<repo> (any open_clip Hub repository in OpenAI layout), or a path: an OpenAI .pt, an open_clip "
+         "Hub folder, a Hugging Face CLIPModel folder, or a .pt/.bin/.safetensors state dict with --gelu/--quick-gelu "
+         "or --backbone-arch (docs/backbones.md)")
 
 
 def cmd_train(args) -> int:
@@ -172,7 +228,7 @@ def cmd_train(args) -> int:
                    split_groups(args, args.dataset, "train", args.shots, args.seed, args.subsample))
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
     splits.nonempty("train")  # data errors before any weights load
-    backbone = _load_backbone(args.backbone or preset.backbone, args.device, not args.quiet)
+    backbone = _load_backbone(args.backbone or preset.backbone, args)
     from .methods import create_method
 
     method = create_method(preset.method, backbone.model, splits.classnames, preset.method_config,
@@ -213,7 +269,7 @@ def cmd_eval(args) -> int:
         backbone_name = read_adapter(_adapter_file(args.adapter))[0]["backbone"]["name"]
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
     splits.nonempty("test")  # data errors before any weights load
-    backbone = _load_backbone(backbone_name or "ViT-B/16", args.device, not args.quiet)
+    backbone = _load_backbone(backbone_name or "ViT-B/16", args)
     if args.adapter:
         method = load_trained(_adapter_file(args.adapter), backbone, splits.classnames, splits.template)
         if args.method and method.name != args.method:
@@ -261,7 +317,7 @@ def cmd_run(args) -> int:
     check_grid_data(cells, args.root)  # every dataset and target loads and has images (before loading weights)
     if args.executor != "local":
         return _run_on_cluster(args, cells)
-    backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
+    backbone = _load_backbone(args.backbone or "ViT-B/16", args)
     out = Path(args.out)
     result = run_grid(cells, backbone, out, _options(args))
     busy = f", {result.busy} being run by another process" if result.busy else ""
@@ -289,10 +345,8 @@ def _run_on_cluster(args, cells) -> int:
                           "more for data-parallel jobs) or --device cpu")
     cluster = ClusterOptions(args.executor, args.executor_folder, args.partition, gpus,
                              args.cpus_per_job, args.mem_gb, args.time, args.array_parallelism, wait=not args.no_wait)
-    source = args.backbone or "ViT-B/16"
-    if Path(source).exists():
-        source = str(Path(source).resolve())  # the jobs may start in another directory
-    backbone = _load_backbone(source, "cpu", not args.quiet)  # the fingerprint names the run directories
+    source = _backbone_spec(args.backbone or "ViT-B/16", args)  # absolute paths: jobs may start elsewhere
+    backbone = _load_backbone(source.source, args, "cpu")  # the fingerprint names the run directories
     out = Path(args.out)
     result = submit_grid(cells, backbone, source, out, _options(args), cluster)
     busy = f", {result.busy} being run by another process" if result.busy else ""
@@ -328,7 +382,7 @@ def cmd_demo(args) -> int:
 
     cells = make_cells("base2novel", [DEMO_DATASET], list(DEMO_METHODS), args.seeds, [16], None, _overrides(args))
     try:
-        backbone = _load_backbone(args.backbone, args.device, not args.quiet)
+        backbone = _load_backbone(args.backbone, args)
     except PromptClipError as err:
         raise type(err)(f"{err} To check the pipeline without weights: promptclip demo --backbone tiny "
                         "(random weights, accuracy meaningless).") from None
@@ -362,13 +416,13 @@ def cmd_predict(args) -> int:
         from .checkpoint import read_adapter
 
         meta = read_adapter(_adapter_file(args.adapter))[0]
-        backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args.device, not args.quiet)
+        backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args)
         method = load_trained(_adapter_file(args.adapter), backbone, classnames, args.template)
         predictor = Predictor(method, backbone, args.device, args.precision or "auto")
     else:
         if not classnames:
             raise ConfigError("predict needs --adapter PATH or --classnames 'a,b,c' (zero-shot)")
-        backbone = _load_backbone(args.backbone or "ViT-B/16", args.device, not args.quiet)
+        backbone = _load_backbone(args.backbone or "ViT-B/16", args)
         predictor = zero_shot(classnames, backbone, args.template or "a photo of a {}.",
                               args.device, args.precision or "auto")
     rows = []
@@ -468,7 +522,10 @@ def cmd_data(args) -> int:
 def cmd_import(args) -> int:
     from .reference.cli import import_command
 
-    backbone = import_command(args, _load_backbone, _classnames, _say, _banner)
+    def load_backbone(name: str, device: str, _progress: bool):
+        return _load_backbone(name, args, device)  # progress follows --quiet
+
+    backbone = import_command(args, load_backbone, _classnames, _say, _banner)
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(backbone.name))
     return 0
@@ -507,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--subsample", choices=["all", "base", "new"], default="all")
 
     def config_args(p):
-        p.add_argument("--backbone", help="ViT-B/16 (default), another registry name, tiny, or a weights path")
+        _add_backbone_options(p, "ViT-B/16 (default), another registry name, tiny, or a weights path")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a preset value, e.g. train.max_epoch=2 or method_config.depth=3")
 
@@ -531,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter .safetensors/.json or a run directory")
     p.add_argument("--method", help="zeroshot (without --adapter), or the method the adapter must have")
     data_args(p)
-    p.add_argument("--backbone", help="default: the adapter's backbone")
+    _add_backbone_options(p, "default: the adapter's backbone")
     p.add_argument("--batch-size", type=int_at_least(1), default=100)
     add_captions_option(p)
     p.set_defaults(func=cmd_eval)
@@ -583,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter")
     p.add_argument("--classnames", help="comma-separated names or a file with one per line")
     p.add_argument("--template", help="zero-shot template, default 'a photo of a {}.'")
-    p.add_argument("--backbone")
+    _add_backbone_options(p, "default: the adapter's backbone, ViT-B/16 for zero-shot")
     p.add_argument("--top-k", type=int_at_least(1), default=5)
     p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
@@ -598,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = add("demo", "base-to-novel with MaPLe and zero-shot CLIP on the bundled EuroSAT sample, with a report")
-    p.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (downloaded), a weights path, or tiny")
+    _add_backbone_options(p, "ViT-B/16 (downloaded), a weights path, or tiny", default="ViT-B/16")
     p.add_argument("--seeds", nargs="+", type=seed, default=[1])
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", type=output_location(), default="promptclip-demo")

@@ -15,3 +15,8 @@ class WeightsError(PromptClipError):
 
 class DataError(PromptClipError):
     """A dataset, split file or image is missing or invalid."""
+
+
+class BackboneWarning(UserWarning):
+    """Something about loaded backbone weights that may make its features wrong (an assumed head width, an
+    activation other than the one the weights declare); the CLI shows it as a banner."""

@@ -426,8 +426,9 @@ def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOp
     from .clip.transforms import EvalTransform, TrainTransform
     from .data import ImageDataset
 
-    size = backbone.model.visual.input_resolution
-    transform = TrainTransform(size) if train else EvalTransform(size)
+    size, config = backbone.model.visual.input_resolution, backbone.model.config
+    normalise = dict(mean=config.image_mean, std=config.image_std)  # the pixel statistics of the weights' training
+    transform = TrainTransform(size, **normalise) if train else EvalTransform(size, **normalise)
     extras = options.extras(records) if options.extras is not None else None
     return ImageDataset(records, transform, seed=seed, extras=extras)
 

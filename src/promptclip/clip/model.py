@@ -30,6 +30,9 @@ from torch import nn
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
 Couple = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -47,20 +50,36 @@ class CLIPConfig:
     text_heads: int
     text_layers: int
     quick_gelu: bool = True
+    # Hidden width of the MLPs; None is OpenAI's 4 x width. open_clip's ViT-g-14 and ViT-bigG-14 use other ratios.
+    vision_mlp_width: int | None = None
+    text_mlp_width: int | None = None
+    # The pixel normalisation the weights were trained with (OpenAI's unless the weights' source says otherwise).
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
 
     def __post_init__(self):
-        if isinstance(self.vision_layers, list):
-            object.__setattr__(self, "vision_layers", tuple(self.vision_layers))
+        for name in ("vision_layers", "image_mean", "image_std"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.is_vit and self.vision_patch_size is None:
             raise ValueError("a ViT config needs vision_patch_size")
         for name in ("vision_width", "text_width"):
             width, heads = getattr(self, name), getattr(self, name.replace("width", "heads"))
-            if width % heads:
+            if heads < 1 or width % heads:
                 raise ValueError(f"{name}={width} is not divisible by its number of heads {heads}")
 
     @property
     def is_vit(self) -> bool:
         return isinstance(self.vision_layers, int)
+
+    @property
+    def vision_head_width(self) -> int:
+        """Width of one attention head of the image tower (of its attention pool for a ResNet)."""
+        return (self.vision_width if self.is_vit else self.vision_width * 32) // self.vision_heads
+
+    @property
+    def text_head_width(self) -> int:
+        return self.text_width // self.text_heads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,15 +117,17 @@ class SelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, quick_gelu: bool = True, causal: bool = False):
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True, causal: bool = False,
+                 mlp_width: int | None = None):
         super().__init__()
         self.causal = causal
         self.attn = SelfAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         activation = QuickGELU() if quick_gelu else nn.GELU()
+        hidden = mlp_width or width * 4
         self.mlp = nn.Sequential(
             OrderedDict(
-                [("c_fc", nn.Linear(width, width * 4)), ("gelu", activation), ("c_proj", nn.Linear(width * 4, width))]
+                [("c_fc", nn.Linear(width, hidden)), ("gelu", activation), ("c_proj", nn.Linear(hidden, width))]
             )
         )
         self.ln_2 = LayerNorm(width)
@@ -117,13 +138,14 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True, causal: bool = False,
+                 mlp_width: int | None = None):
         super().__init__()
         self.width = width
         self.layers = layers
         self.heads = heads
         self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, quick_gelu, causal) for _ in range(layers)]
+            *[ResidualAttentionBlock(width, heads, quick_gelu, causal, mlp_width) for _ in range(layers)]
         )
 
     def forward(self, x: torch.Tensor, hook: Hook | None = None) -> torch.Tensor:
@@ -138,7 +160,7 @@ class VisionTransformer(nn.Module):
     """ViT image tower. Sequence layout after ``embed``: ``[CLS, patches..., extra prompt tokens...]``."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
-                 quick_gelu: bool = True):
+                 quick_gelu: bool = True, mlp_width: int | None = None):
         super().__init__()
         self.input_resolution = image_size
         self.patch_size = patch_size
@@ -150,7 +172,7 @@ class VisionTransformer(nn.Module):
         n_tokens = (image_size // patch_size) ** 2 + 1
         self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width=mlp_width)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -384,14 +406,15 @@ class CLIP(nn.Module):
         if config.is_vit:
             self.visual = VisionTransformer(
                 config.image_size, config.vision_patch_size, config.vision_width, config.vision_layers,
-                config.vision_heads, config.embed_dim, config.quick_gelu,
+                config.vision_heads, config.embed_dim, config.quick_gelu, config.vision_mlp_width,
             )
         else:
             self.visual = ModifiedResNet(
                 config.vision_layers, config.embed_dim, config.vision_heads, config.image_size, config.vision_width
             )
         self.transformer = Transformer(
-            config.text_width, config.text_layers, config.text_heads, config.quick_gelu, causal=True
+            config.text_width, config.text_layers, config.text_heads, config.quick_gelu, causal=True,
+            mlp_width=config.text_mlp_width,
         )
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))

@@ -205,9 +205,10 @@ class TrainTransform:
         return normalize(to_tensor(image), self.mean, self.std)
 
 
-def clip_eval_transform(image_size: int) -> EvalTransform:
+def clip_eval_transform(image_size: int, mean: tuple[float, float, float] = CLIP_MEAN,
+                        std: tuple[float, float, float] = CLIP_STD) -> EvalTransform:
     """CLIP's evaluation preprocessing (also CoOp's test transform) at ``image_size``."""
-    return EvalTransform(image_size)
+    return EvalTransform(image_size, mean, std)
 
 
 def coop_train_transform(image_size: int) -> TrainTransform:

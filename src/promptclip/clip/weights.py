@@ -47,20 +47,30 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
-from .architectures import ARCHITECTURES, GOLDEN_MINI_SEED, RANDOM_ONLY, build_random, config_from_state_dict
-from .model import CLIP, CLIPConfig
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..errors import BackboneWarning, WeightsError
+from . import openclip
+from .architectures import (
+    ARCHITECTURES,
+    GOLDEN_MINI_SEED,
+    RANDOM_ONLY,
+    SHAPE_FIELDS,
+    architecture,
+    architecture_names,
+    build_random,
+    config_from_state_dict,
+    known_architectures_with_shapes,
+    shapes_from_state_dict,
+)
+from .model import CLIP, OPENAI_MEAN, OPENAI_STD, CLIPConfig
 
 # Keys of OpenAI's TorchScript archives that are not weights (read by OpenAI's build_model, dropped there too).
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 ACCEPTED_FORMATS = (
     "an OpenAI TorchScript archive (the official .pt files), "
-    "a state dict saved with torch.save (.pt/.pth/.bin, OpenAI key names), "
+    "a state dict saved with torch.save (.pt/.pth/.bin, OpenAI key names, e.g. open_clip's), "
     "a .safetensors file (OpenAI key names), "
+    "an open_clip Hub folder (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin), "
     "or a Hugging Face CLIPModel folder (config.json + model.safetensors or pytorch_model.bin)"
 )
 
@@ -247,16 +257,21 @@ def _corrupt(path: Path, what: str, error: BaseException) -> WeightsError:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"torchscript"``, ``"torch"``, ``"safetensors"`` or ``"hf-folder"``, from the content of ``path``."""
+    """``"torchscript"``, ``"torch"``, ``"safetensors"``, ``"hf-folder"`` or ``"open_clip-folder"``, from the
+    content of ``path``."""
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"no such file or directory: {path.absolute()}")
     if path.is_dir():
+        # open_clip's Hub repositories often hold a transformers (or timm) copy too: open_clip's files come first.
+        if openclip.weights_in_folder(path) is not None:
+            return "open_clip-folder"
         if not (path / "config.json").is_file():
             raise WeightsError(
-                f"{path} is a folder without config.json. A folder must be a Hugging Face CLIPModel folder "
-                f"(config.json + model.safetensors or pytorch_model.bin); otherwise pass the weights file itself. "
-                f"Accepted: {ACCEPTED_FORMATS}."
+                f"{path} is a folder without config.json nor {openclip.WEIGHT_FILES[1]}. A folder must be a "
+                f"Hugging Face CLIPModel folder (config.json + model.safetensors or pytorch_model.bin) or an open_clip "
+                f"Hub folder ({openclip.CONFIG_FILE} + {' or '.join(openclip.WEIGHT_FILES)}); otherwise pass the "
+                f"weights file itself. Accepted: {ACCEPTED_FORMATS}."
             )
         return "hf-folder"
     with open(path, "rb") as f:
@@ -465,10 +480,7 @@ def hf_config_to_clip_config(hf_config: Mapping, state_dict: Mapping[str, torch.
         acts[tower] = _QUICK_GELU_ACTS[act]
         if abs(float(cfg.get("layer_norm_eps", 1e-5)) - 1e-5) > 1e-12:
             warnings.warn(f"{source}: {tower} layer_norm_eps is {cfg['layer_norm_eps']}; our CLIP uses 1e-5, so "
-                          f"outputs will differ slightly from transformers'.", stacklevel=3)
-        if cfg["intermediate_size"] != 4 * cfg["hidden_size"]:
-            raise WeightsError(f"{source}: {tower} intermediate_size {cfg['intermediate_size']} is not 4 x "
-                               f"hidden_size {cfg['hidden_size']}, which our CLIP (OpenAI layout) requires.")
+                          f"outputs will differ slightly from transformers'.", BackboneWarning, stacklevel=3)
     if acts["text"] != acts["vision"]:
         raise WeightsError(f"{source}: the text and vision towers use different activations "
                            f"({text['hidden_act']} / {vision['hidden_act']}); our CLIP uses one for both.")
@@ -486,21 +498,26 @@ def hf_config_to_clip_config(hf_config: Mapping, state_dict: Mapping[str, torch.
             text_heads=int(text["num_attention_heads"]),
             text_layers=int(text["num_hidden_layers"]),
             quick_gelu=acts["text"],
+            vision_mlp_width=_hf_mlp_width(vision),
+            text_mlp_width=_hf_mlp_width(text),
         )
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{source} has an invalid CLIP configuration: {e}") from e
     if state_dict is not None:
         try:
-            inferred = config_from_state_dict(state_dict, quick_gelu=config.quick_gelu)
+            inferred = shapes_from_state_dict(state_dict)
         except KeyError as e:
             raise WeightsError(f"{source}: the weights are not a complete CLIPModel: {e.args[0]}") from e
-        fields = ("embed_dim", "image_size", "vision_layers", "vision_width", "vision_patch_size", "context_length",
-                  "vocab_size", "text_width", "text_layers")
-        diffs = [f"{f} {getattr(config, f)} in config vs {getattr(inferred, f)} in the weights"
-                 for f in fields if getattr(config, f) != getattr(inferred, f)]
+        diffs = [f"{f} {getattr(config, f)} in config vs {inferred[f]} in the weights"
+                 for f in SHAPE_FIELDS if getattr(config, f) != inferred[f]]
         if diffs:
             raise WeightsError(f"{source} does not match its weights: " + "; ".join(diffs))
     return config
+
+
+def _hf_mlp_width(tower: Mapping) -> int | None:
+    width = int(tower["intermediate_size"])
+    return None if width == 4 * int(tower["hidden_size"]) else width
 
 
 # transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (ViT-B/32), for keys absent from a file.
@@ -554,38 +571,145 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CLIPConfig | None]:
-    """Read weights from any accepted local source: an OpenAI-layout state dict, plus the config when the source
-    declares one (Hugging Face folders); ``None`` means "infer it from the shapes"."""
+@dataclass(frozen=True)
+class Declared:
+    """What a weights source says about its model beyond the tensor shapes: a whole architecture (``config``:
+    Hugging Face ``config.json``, open_clip's ``open_clip_config.json``, a registry entry), or only the activation
+    (``quick_gelu``: OpenAI's archives). ``by`` names the source in messages."""
+
+    config: CLIPConfig | None = None
+    quick_gelu: bool | None = None
+    by: str = ""
+
+
+def read_state_dict(path: str | os.PathLike, sidecar: bool = True) -> tuple[dict[str, torch.Tensor], Declared]:
+    """Read weights from any accepted local source: an OpenAI-layout state dict and what the source declares.
+
+    With ``sidecar``, an open_clip weights file (``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``)
+    reads the ``open_clip_config.json`` beside it, as the folder holding both does."""
     path = Path(path).expanduser()
     fmt = detect_format(path)
-    config = None
+    declared = Declared()
     if fmt == "hf-folder":
         state_dict, config = _read_hf_folder(path)
+        declared = Declared(config=config, by=str(path / "config.json"))
+    elif fmt == "open_clip-folder":
+        return read_state_dict(openclip.weights_in_folder(path), sidecar=True)
     elif fmt == "torchscript":
         state_dict = _read_torchscript(path)
+        declared = Declared(quick_gelu=True, by="an OpenAI TorchScript archive (OpenAI's CLIPs use QuickGELU)")
     elif fmt == "safetensors":
         state_dict = _unwrap_state_dict(_read_safetensors(path), path)
     else:
         state_dict = _unwrap_state_dict(_read_torch(path), path)
+    config_file = path.parent / openclip.CONFIG_FILE
+    if sidecar and fmt in ("torch", "safetensors") and path.name in openclip.WEIGHT_FILES and config_file.is_file():
+        declared = Declared(config=openclip.read_config_file(config_file), by=str(config_file))
     for key in NON_WEIGHT_KEYS:
         state_dict.pop(key, None)
-    return state_dict, config
+    return state_dict, declared
+
+
+def _how_to_state(source: str) -> str:
+    return (f"State it: on the command line --gelu or --quick-gelu, or --backbone-arch with an architecture name "
+            f"(e.g. ViT-B-16 for open_clip's GELU ViT-B-16, ViT-B-16-quickgelu, ViT-H-14) or an open_clip config "
+            f"file (open_clip_config.json or model_configs/<name>.json); in Python, quick_gelu=True/False or "
+            f"arch=NAME. open_clip's Hub folders say it themselves: pass the folder holding {openclip.CONFIG_FILE} "
+            f"(or keep that file beside {openclip.WEIGHT_FILES[1]}). See docs/backbones.md.")
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool | None, source: str) -> CLIPConfig:
+    """The architecture of a state dict that declares none: the shapes, the heads of a known architecture with
+    those shapes (``ARCHITECTURES``; 64-wide heads, with a warning, for unknown ones) and the given activation."""
+    try:
+        shapes = shapes_from_state_dict(state_dict)
+    except (KeyError, ValueError, IndexError) as e:
+        message = e.args[0] if e.args else str(e)
+        raise WeightsError(
+            f"{source} is not a CLIP state dict in OpenAI layout ({message}). Its first keys: "
+            f"{_preview(list(state_dict), 10)}. Accepted: {ACCEPTED_FORMATS}."
+        ) from e
+    if quick_gelu is None:
+        raise WeightsError(
+            f"{source} does not say which activation its model uses, and a state dict cannot show it: OpenAI's "
+            f"CLIPs, MetaCLIP, DFN and open_clip's *-quickgelu models use QuickGELU, open_clip's LAION-2B and "
+            f"DataComp models (and most others it trains) GELU; the wrong one gives features about 1e-2 off without "
+            f"any error. {_how_to_state(source)}"
+        )
+    known = known_architectures_with_shapes(shapes)
+    heads = {(c.vision_heads, c.text_heads) for c in known.values()}
+    if len(heads) == 1:
+        vision_heads, text_heads = heads.pop()
+        return CLIPConfig(**shapes, vision_heads=vision_heads, text_heads=text_heads, quick_gelu=quick_gelu)
+    try:
+        config = config_from_state_dict(state_dict, quick_gelu=quick_gelu)
+    except ValueError as e:
+        raise WeightsError(f"{source}: the width of its attention heads cannot be known and the default, 64, does "
+                           f"not fit ({e}). State the architecture with --backbone-arch FILE.json (an open_clip model "
+                           f"config with vision_cfg.head_width and text_cfg.heads), or arch= in Python.") from e
+    warnings.warn(
+        f"{source}: no known architecture has these shapes ({_describe(config)}), so the width of its attention "
+        f"heads cannot be known; assuming 64 (OpenAI's and open_clip's default: {config.vision_heads} image heads, "
+        f"{config.text_heads} text heads). If that is wrong the features are wrong: state the architecture with "
+        f"--backbone-arch FILE.json (an open_clip model config), or arch= in Python.", BackboneWarning, stacklevel=3)
+    return config
+
+
+def architecture_from(arch: str | os.PathLike | CLIPConfig) -> tuple[CLIPConfig, str]:
+    """``(config, description)`` of an architecture given as a config, a name (``architecture_names()``: OpenAI's
+    names with QuickGELU, open_clip's with GELU or ``-quickgelu``) or an open_clip config JSON file."""
+    if isinstance(arch, CLIPConfig):
+        return arch, "the architecture given"
+    name = os.fspath(arch)
+    try:
+        return architecture(name), f"the architecture {name}"
+    except KeyError:
+        pass
+    if Path(name).expanduser().is_file():
+        return openclip.read_config_file(Path(name).expanduser()), f"the architecture of {name}"
+    close = difflib.get_close_matches(name, architecture_names(), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise WeightsError(f"architecture {name!r} is neither a known architecture name nor an existing file.{hint} "
+                       f"Names: {', '.join(architecture_names())}; or an open_clip config JSON file.")
+
+
+def choose_config(state_dict: Mapping[str, torch.Tensor], declared: Declared, source: str,
+                  arch: str | os.PathLike | CLIPConfig | None = None, quick_gelu: bool | None = None
+                  ) -> tuple[CLIPConfig, str]:
+    """The architecture to build, and where it comes from: ``arch`` if given, else what the source declares, else
+    the shapes (:func:`infer_config`); ``quick_gelu`` (if given) sets the activation in every case."""
+    if arch is not None:
+        config, origin = architecture_from(arch)
+    elif declared.config is not None:
+        config, origin = declared.config, f"declared by {declared.by}"
+    else:
+        activation = quick_gelu if quick_gelu is not None else declared.quick_gelu
+        config = infer_config(state_dict, activation, source)
+        origin = "inferred from its tensors" + (f", activation from {declared.by}"
+                                              if quick_gelu is None and declared.quick_gelu is not None else "")
+    if quick_gelu is not None and quick_gelu != config.quick_gelu:
+        config = dataclasses.replace(config, quick_gelu=quick_gelu)
+    said = declared.config.quick_gelu if declared.config is not None else declared.quick_gelu
+    if said is not None and said != config.quick_gelu:
+        warnings.warn(f"{source}: loading with {_activation(config.quick_gelu)} although {declared.by} says "
+                      f"{_activation(said)}, the activation the weights were trained with.", BackboneWarning,
+                      stacklevel=3)
+    return config, origin
+
+
+def _activation(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
 
 
 def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: CLIPConfig | None = None,
-                          quick_gelu: bool | None = None, source: str = "the state dict") -> CLIP:
-    """Build a fp32 :class:`CLIP` holding ``state_dict`` (OpenAI layout), checked strictly against its keys."""
+                          quick_gelu: bool | None = None, source: str = "the state dict",
+                          origin: str = "inferred from it") -> CLIP:
+    """Build a fp32 :class:`CLIP` holding ``state_dict`` (OpenAI layout), checked strictly against its keys.
+
+    Without ``config`` the architecture is inferred (:func:`infer_config`: ``quick_gelu`` is then required)."""
     state_dict = {k: v for k, v in state_dict.items() if k not in NON_WEIGHT_KEYS}
     if config is None:
-        try:
-            config = config_from_state_dict(state_dict, quick_gelu=True if quick_gelu is None else quick_gelu)
-        except (KeyError, ValueError, IndexError) as e:
-            message = e.args[0] if e.args else str(e)
-            raise WeightsError(
-                f"{source} is not a CLIP state dict in OpenAI layout ({message}). Its first keys: "
-                f"{_preview(list(state_dict), 10)}. Accepted: {ACCEPTED_FORMATS}."
-            ) from e
+        config = infer_config(state_dict, quick_gelu, source)
     elif quick_gelu is not None and quick_gelu != config.quick_gelu:
         config = dataclasses.replace(config, quick_gelu=quick_gelu)
     with torch.device("meta"):
@@ -603,7 +727,7 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: CLIPCo
             parts.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches: {_preview(shapes)}")
-        raise WeightsError(f"{source} does not fit the CLIP architecture inferred from it ({_describe(config)}): "
+        raise WeightsError(f"{source} does not fit the CLIP architecture {origin} ({_describe(config)}): "
                            + "; ".join(parts) + ".")
     tensors = {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()).contiguous()
                for k, v in state_dict.items()}
@@ -613,11 +737,13 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: CLIPCo
 
 def _describe(config: CLIPConfig) -> str:
     if config.is_vit:
-        tower = f"ViT width {config.vision_width}, {config.vision_layers} layers, patch {config.vision_patch_size}"
+        tower = (f"ViT width {config.vision_width}, {config.vision_layers} layers, patch {config.vision_patch_size}, "
+                 f"{config.vision_heads} heads of {config.vision_head_width}")
     else:
         tower = f"ResNet layers {config.vision_layers}, width {config.vision_width}"
-    return (f"{tower}, image {config.image_size}; text width {config.text_width}, {config.text_layers} layers; "
-            f"embed {config.embed_dim}")
+    return (f"{tower}, image {config.image_size}; text width {config.text_width}, {config.text_layers} layers, "
+            f"{config.text_heads} heads of {config.text_head_width}; embed {config.embed_dim}; "
+            f"{_activation(config.quick_gelu)}")
 
 
 def _frozen(model: CLIP) -> CLIP:
@@ -631,12 +757,15 @@ _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".jit"}
 
 def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, progress: bool = True
             ) -> tuple[str, object]:
-    """``("pretrained", local_path)``, ``("random", name)`` or ``("path", path)``; downloads registry names."""
+    """What a name points at, downloaded if needed: ``("pretrained", local_path)`` (OpenAI's registry),
+    ``("hub", (local_path, Declared))`` (open_clip names), ``("random", name)`` or ``("path", path)``."""
     name = os.fspath(name_or_path)
     if name in PRETRAINED:
         entry = PRETRAINED[name]
         root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
         return "pretrained", download(entry.url, entry.sha256, root, progress=progress)
+    if name.startswith(openclip.OPEN_CLIP_PREFIX) or name.startswith(openclip.HF_HUB_PREFIX):
+        return "hub", _resolve_hub(name, cache_dir)
     if name in RANDOM_ONLY:
         return "random", name
     path = Path(name).expanduser()
@@ -649,45 +778,79 @@ def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None
                            f"Hugging Face CLIPModel folder, or a model name: {', '.join(PRETRAINED)})")
     names = list(PRETRAINED) + list(RANDOM_ONLY)
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    open_clip_names = [w.name for w in openclip.OPEN_CLIP_PRETRAINED.values() if w.model == name]
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    if open_clip_names:
+        hint += f" As an open_clip name, {name} has the weights {', '.join(open_clip_names)}."
     raise WeightsError(
         f"{name!r} is neither a known model name nor an existing file or folder.{hint} Available models: "
-        f"{', '.join(PRETRAINED)}; random-weight test backbones: {', '.join(RANDOM_ONLY)}; or pass the path of a "
-        f"weights file or Hugging Face CLIPModel folder."
+        f"{', '.join(PRETRAINED)}; open_clip's as open_clip:<model>/<tag> or hf-hub:<repo> (`promptclip list "
+        f"backbones`); random-weight test backbones: {', '.join(RANDOM_ONLY)}; or pass the path of a weights file, "
+        f"open_clip Hub folder or Hugging Face CLIPModel folder."
     )
+
+
+def _resolve_hub(name: str, cache_dir: str | os.PathLike | None) -> tuple[Path, Declared]:
+    """An open_clip name downloaded from the Hub: the weights file and the architecture that goes with it."""
+    if name.startswith(openclip.OPEN_CLIP_PREFIX):
+        entry = openclip.lookup(name)
+    else:
+        repo_id = name[len(openclip.HF_HUB_PREFIX):].strip("/")
+        entry = openclip.entry_for_repo(repo_id)
+    if entry is not None:
+        activation = "--quick-gelu" if entry.quick_gelu else "--gelu"
+        path = openclip.hub_download(entry.hf_hub, openclip.WEIGHT_FILES, cache_dir, what=entry.name,
+                                     activation_hint=activation)
+        return path, Declared(config=entry.config, by=f"promptclip's registry entry {entry.name}")
+    config_path = openclip.hub_download(repo_id, (openclip.CONFIG_FILE,), cache_dir, what=name)
+    config = openclip.read_config_file(config_path)
+    path = openclip.hub_download(repo_id, openclip.WEIGHT_FILES, cache_dir, what=name,
+                                 activation_hint="--quick-gelu" if config.quick_gelu else "--gelu")
+    return path, Declared(config=config, by=f"{repo_id}'s {openclip.CONFIG_FILE}")
 
 
 def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                   cache_dir: str | os.PathLike | None = None, quick_gelu: bool | None = None, progress: bool = True,
-                  seed: int = GOLDEN_MINI_SEED) -> tuple[CLIP, str]:
+                  seed: int = GOLDEN_MINI_SEED, arch: str | os.PathLike | CLIPConfig | None = None
+                  ) -> tuple[CLIP, str]:
     """Load a frozen fp32 CLIP and say where it came from.
 
     Returns ``(model, source)``: ``source`` is the local file or folder read (downloaded first for registry
-    names), or ``"random:<name>:seed=<seed>"`` for the test backbones. ``quick_gelu`` overrides the activation
-    (``None``: QuickGELU for OpenAI-layout files, ``hidden_act`` for Hugging Face folders).
+    names), or ``"random:<name>:seed=<seed>"`` for the test backbones. The architecture is the one ``arch`` names
+    (:func:`architecture_from`), else the one the source declares (registry entry, ``config.json``,
+    ``open_clip_config.json``), else the one of its shapes; ``quick_gelu`` sets the activation. A plain state dict
+    does not say its activation: without ``quick_gelu`` or ``arch`` it is an error that says how to state it.
     """
     kind, where = resolve(name_or_path, cache_dir=cache_dir, progress=progress)
     if kind == "random":
+        if arch is not None:
+            raise WeightsError(f"{name_or_path} is a test backbone with its own architecture; arch does not apply.")
         config = ARCHITECTURES[where]
         if quick_gelu is not None and quick_gelu != config.quick_gelu:
             config = dataclasses.replace(config, quick_gelu=quick_gelu)
         model = _frozen(build_random(config, seed=seed))
         source = f"random:{where}:seed={seed}"
     else:
-        state_dict, config = read_state_dict(where)
-        if kind == "pretrained" and quick_gelu is None:
-            quick_gelu = PRETRAINED[os.fspath(name_or_path)].quick_gelu
-        model = model_from_state_dict(state_dict, config=config, quick_gelu=quick_gelu, source=str(where))
+        if kind == "hub":
+            where, declared = where
+            state_dict, _ = read_state_dict(where, sidecar=False)  # the registry entry or the config read before
+        else:
+            state_dict, declared = read_state_dict(where)
+        if kind == "pretrained":
+            entry = PRETRAINED[os.fspath(name_or_path)]
+            declared = Declared(quick_gelu=entry.quick_gelu, by=f"the registry entry {entry.name}")
+        config, origin = choose_config(state_dict, declared, str(where), arch, quick_gelu)
+        model = model_from_state_dict(state_dict, config=config, source=str(where), origin=origin)
         source = str(where)
     return model.to(device), source
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                cache_dir: str | os.PathLike | None = None, quick_gelu: bool | None = None, progress: bool = True,
-               seed: int = GOLDEN_MINI_SEED) -> CLIP:
+               seed: int = GOLDEN_MINI_SEED, arch: str | os.PathLike | CLIPConfig | None = None) -> CLIP:
     """A frozen fp32 CLIP in eval mode from a registry name, a test backbone name or a local path."""
     return load_backbone(name_or_path, device=device, cache_dir=cache_dir, quick_gelu=quick_gelu,
-                         progress=progress, seed=seed)[0]
+                         progress=progress, seed=seed, arch=arch)[0]
 
 
 # --------------------------------------------------------------------------------------------- fingerprint
@@ -703,10 +866,16 @@ def backbone_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, tor
     Two different checkpoints (another model, or a fine-tune) differ at the sampled positions with overwhelming
     probability; it is not a proof that every value is identical (use ``state_dict_sha256`` for that). Values are
     hashed as float32, so the same weights give the same fingerprint on any device.
+
+    For a :class:`CLIP`, the choices that change its features without changing its tensors are hashed too when
+    they are not OpenAI's (GELU, heads other than 64 wide, another pixel normalisation): the same file loaded with
+    another activation is another backbone, and an adapter trained on one does not load onto the other.
     """
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module)
                   else model_or_state_dict)
     digest = hashlib.sha256()
+    if isinstance(model_or_state_dict, CLIP) and (choices := _non_openai_choices(model_or_state_dict.config)):
+        digest.update(json.dumps(choices, sort_keys=True).encode("utf-8"))
     for key in sorted(state_dict):
         tensor = state_dict[key].detach()
         digest.update(key.encode("utf-8"))
@@ -720,3 +889,17 @@ def backbone_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, tor
             sample = flat[index].to(device="cpu", dtype=torch.float32).contiguous()
             digest.update(sample.numpy().astype("<f4", copy=False).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _non_openai_choices(config: CLIPConfig) -> dict:
+    """The architecture choices of ``config`` that differ from OpenAI's conventions and no tensor shape shows."""
+    choices = {}
+    if not config.quick_gelu:
+        choices["quick_gelu"] = False
+    if config.vision_head_width != 64:
+        choices["vision_heads"] = config.vision_heads
+    if config.text_head_width != 64:
+        choices["text_heads"] = config.text_heads
+    if config.image_mean != OPENAI_MEAN or config.image_std != OPENAI_STD:
+        choices["image_mean"], choices["image_std"] = list(config.image_mean), list(config.image_std)
+    return choices
