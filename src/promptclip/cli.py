@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from .argtypes import SHOTS, int_at_least, output_location, seed
 from .errors import ConfigError, DataError, PromptClipError
+from .tracking import TRACKERS, check_trackers
 
 RANDOM_BANNER = "RANDOM WEIGHTS: backbone '{}' has random weights, accuracy is meaningless (pipeline check only)"
 DEMO_DATASET = "eurosat-sample"
@@ -120,7 +121,8 @@ def _options(args):
     from .protocols import RunOptions
 
     return RunOptions(root=getattr(args, "root", None), device=args.device, progress=not args.quiet,
-                      precision=getattr(args, "precision", None), log=_say, extras=caption_extras(args))
+                      precision=getattr(args, "precision", None), log=_say, extras=caption_extras(args),
+                      trackers=tuple(getattr(args, "log_to", None) or ()))
 
 
 def _method_map(items: list[str] | None, option: str = "--preset",
@@ -143,7 +145,7 @@ def _write_report(records_path: Path, out: Path, plots: bool, required: bool = F
     if plots and not required and importlib.util.find_spec("matplotlib") is None:
         _say('plots skipped: matplotlib is not installed (pip install "promptclip[plot]")')
         plots = False
-    return write_report(read_records(records_path), out, plots=plots)
+    return write_report(read_records(records_path), out, plots=plots, records_dir=records_path.parent)
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def cmd_train(args) -> int:
          f"{splits.num_classes} classes, seed {args.seed} -> {out}")
     data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args))
     result = fit(method, data, preset.train, out_dir=out, device=args.device, progress=not args.quiet,
-                 backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, batch_order=batch_order)
+                 backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, batch_order=batch_order,
+                 trackers=tuple(args.log_to or ()))
     if result.adapter_path is None:
         result.adapter_path = save_adapter(out / "adapter", method, backbone.name, backbone.fingerprint)
     _say(f"adapter: {result.adapter_path} (+ .json), {method.num_trainable():,} learned values")
@@ -567,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_backbone_options(p, "ViT-B/16 (default), another registry name, tiny, or a weights path")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a preset value, e.g. train.max_epoch=2 or method_config.depth=3")
+        p.add_argument("--log-to", nargs="+", choices=TRACKERS, metavar="TRACKER",
+                       help="also send the training metrics (always in metrics.jsonl) to tensorboard and/or wandb")
 
     p = add("train", "train one method on one dataset split and save its adapter")
     p.add_argument("--method", required=True)
@@ -687,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"`{args.command}` does not run data-parallel; only train and run do under "
                                   "torchrun (run other commands with plain `promptclip`)")
             ctx, args.device = distributed.setup(args.device)
+        if getattr(args, "log_to", None):
+            check_trackers(args.log_to)  # says how to install a missing one before any weights load
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.func(args)

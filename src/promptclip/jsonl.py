@@ -1,5 +1,5 @@
 """Append-only JSONL files that survive crashes: a torn last line is cut before appending, and each append is one
-write of whole lines, flushed and fsynced. Used by result records and caption caches."""
+write of whole lines, flushed and fsynced. Used by result records, caption caches and training metrics."""
 
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ def cut_torn_tail(handle: IO[bytes]) -> None:
     handle.seek(0, os.SEEK_END)
 
 
-def write_json_lines(handle: IO[bytes], objects: Iterable[Mapping[str, Any]]) -> None:
+def write_json_lines(handle: IO[bytes], objects: Iterable[Mapping[str, Any]], sync: bool = True) -> None:
+    """Append whole lines in one write, flushed; ``sync``: fsynced too (False: the OS writes them when it likes, for
+    lines that may be lost on a power cut, like the steps of an unfinished epoch)."""
     data = b"".join(json.dumps(o, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for o in objects)
     if data:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())

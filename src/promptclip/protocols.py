@@ -108,6 +108,8 @@ class RunOptions:
     extras: Callable[[list], dict[str, Any]] | None = None
     log: Callable[[str], None] = print
     on_epoch: Callable[[dict[str, Any]], None] | None = None
+    #: Where training metrics go besides ``<run dir>/metrics.jsonl``: ``tensorboard``, ``wandb`` (promptclip.tracking).
+    trackers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -394,7 +396,8 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     if cell.preset.train is not None and cell.adapter is None:
         data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options)
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
-            backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch)
+            backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch,
+            trackers=options.trackers, run_name=describe(cell))
     evaluations: list[tuple[str, str, EvalResult]] = []
     name = train_splits.name
     if cell.protocol == "base2novel":

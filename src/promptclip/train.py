@@ -9,6 +9,7 @@ writes state and adapters."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from .errors import ConfigError, PromptClipError
 from .evaluate import move_batch
 from .memory import DEFAULT_CHUNK_TOKENS, TextMemory, text_memory
 from .precision import autocast, resolve_precision
+from .tracking import RunLog, peak_memory_mb
 
 TRAIN_STATE_JSON = "train_state.json"
 TRAIN_STATE_TENSORS = "train_state-epoch{epoch}.safetensors"
@@ -183,7 +185,8 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
         backbone_name: str = "unknown", backbone_fingerprint: str = "unknown",
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
-        batch_order: Sequence[Sequence[Sequence[int]]] | None = None) -> FitResult:
+        batch_order: Sequence[Sequence[Sequence[int]]] | None = None, trackers: Sequence[str] = (),
+        run_name: str | None = None) -> FitResult:
     """Train ``method`` on ``train_data`` (a Dataset of batch dicts with ``image`` and ``label``).
 
     ``batch_order`` replaces the seeded shuffle with explicit batches: ``batch_order[e][k]`` lists the dataset indices
@@ -192,11 +195,14 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
 
     ``on_step(record)`` is called after every optimizer step with ``epoch`` and ``step`` (1-based; ``step`` counts
     the run's optimizer steps), ``batch`` (1-based within the epoch), ``batches`` (in the epoch), ``lr`` (the rate
-    the step used), ``batch_size``, ``acc`` (percent, this batch) and every loss term as a float;
-    ``on_epoch(record)`` after each epoch's end-of-epoch logic, with the epoch's means.
+    the step used), ``batch_size``, ``acc`` (percent, this batch), every loss term as a float, ``step_seconds``,
+    ``data_seconds``, ``images_per_second`` and ``peak_memory_mb``; ``on_epoch(record)`` after each epoch's
+    end-of-epoch logic, with the epoch's means (:mod:`promptclip.tracking` defines every key).
 
     With ``out_dir`` the state is saved after every epoch and a rerun resumes from the last finished epoch;
-    the final adapter is written to ``out_dir/adapter.safetensors`` (+ ``.json``).
+    the final adapter is written to ``out_dir/adapter.safetensors`` (+ ``.json``), and every step and epoch record
+    to ``out_dir/metrics.jsonl`` (also to the ``trackers``, ``tensorboard`` and/or ``wandb``, as ``run_name``;
+    :class:`promptclip.tracking.RunLog`).
 
     The text tower runs under ``config.text_memory`` for the whole run (:func:`promptclip.memory.text_memory`).
     Data-parallel when a process group with several ranks is initialised (module docstring): every rank calls
@@ -238,14 +244,27 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
 
     loader = make_train_loader(train_data, config, batch_order)
     steps_before = sum(r["steps"] for r in result.history)
-    with text_memory(config.memory_policy()):
+    log = None
+    if out is not None and main:
+        log = RunLog(out, len(result.history), steps_before, trackers, run_name or out.name,
+                     {"method": method.name, "method_config": to_dict(method.config), "train": to_dict(config)})
+
+    def step_done(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.step(record)
+        if on_step is not None:
+            on_step(record)
+
+    with text_memory(config.memory_policy()), log or contextlib.nullcontext():
         for epoch in range(start_epoch, config.max_epoch):
             loader.set_epoch(epoch)
             record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress and main, ctx,
-                                on_step, steps_before)
+                                step_done, steps_before)
             steps_before += record["steps"]
             method.on_epoch_end(epoch, config.max_epoch)
             result.history.append(record)
+            if log is not None:
+                log.epoch(record, steps_before)  # before the state: the log never holds an unsaved epoch
             if out is not None and main:
                 _save_train_state(out, method, optimizer, config, epoch, result.history, False, order_digest)
             if on_epoch is not None:
@@ -276,13 +295,17 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
     method.train()
     totals: dict[str, float] = {}
     correct = seen = steps = 0
-    started = time.perf_counter()
+    peak = 0.0
+    started = last = time.perf_counter()
     batches = len(loader)
     # The bar is advanced by hand: tqdm.auto's bar calls iter() on what it wraps when it is created, which would start
     # a second pass over the loader (and its worker processes) and move the loader's epoch counter on by one.
     bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{config.max_epoch}", disable=not progress, leave=False,
                unit="batch")
     for step, batch in enumerate(loader):
+        loaded = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         batch = move_batch(batch, device)
         with autocast(config.precision, device):
             logits = method(batch)
@@ -298,10 +321,17 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
             values, size, hits = _data_parallel_step(method, optimizer, scaler, loss, losses, hits,
                                                      len(batch["label"]), config.grad_clip, epoch, step)
         steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels are done: its time is its own
+        now = time.perf_counter()
+        memory = peak_memory_mb(device)
+        peak = max(peak, memory)
         if on_step is not None:
             on_step({"epoch": epoch + 1, "step": steps_before + steps, "batch": step + 1, "batches": batches,
                      "lr": optimizer.param_groups[0]["lr"], "batch_size": size, "acc": 100 * hits / max(size, 1),
-                     **values})
+                     **values, "step_seconds": now - last, "data_seconds": loaded - last,
+                     "images_per_second": size / max(now - last, 1e-9), "peak_memory_mb": memory})
+        last = now
         for key, value in values.items():
             totals[key] = totals.get(key, 0.0) + value
         correct += hits
@@ -311,8 +341,9 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
     bar.close()
     if steps == 0:
         raise PromptClipError("the training data produced no batch (is the dataset empty?)")
+    seconds = time.perf_counter() - started
     record = {"epoch": epoch + 1, "lr": lr, "train_acc": 100 * correct / seen, "steps": steps,
-              "seconds": round(time.perf_counter() - started, 3)}
+              "seconds": round(seconds, 3), "images_per_second": seen / max(seconds, 1e-9), "peak_memory_mb": peak}
     record.update({k: v / steps for k, v in totals.items()})
     return record
 

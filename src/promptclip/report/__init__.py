@@ -14,8 +14,8 @@ Conventions (also written into every report):
   evaluated datasets other than the source.
 
 Public API: :func:`read_records`, :func:`base2novel_table`, :func:`fewshot_table`, :func:`cross_dataset_table`,
-:func:`dg_table`, :func:`write_report`, plus the small helpers :func:`harmonic_mean`, :func:`mean_std`,
-:func:`dataset_sort_key` and :func:`method_sort_key`, all importable from ``promptclip.report``.
+:func:`dg_table`, :func:`training_curves`, :func:`write_report`, plus the small helpers :func:`harmonic_mean`,
+:func:`mean_std`, :func:`dataset_sort_key` and :func:`method_sort_key`, all importable from ``promptclip.report``.
 
 Modules, each importing only those above it:
 
@@ -23,11 +23,13 @@ Modules, each importing only those above it:
 - ``stats``: mean ± sample std, harmonic mean, averages over cells that share seeds.
 - ``order``: the row order of datasets and methods.
 - ``tables``: the four protocol tables as dataclasses.
+- ``curves``: the training metrics (``metrics.jsonl``) of the recorded runs, grouped for the curve plots.
 - ``formatting``: number formats and labels shared by the outputs.
 - ``markdown``, ``csv_files``, ``plots``: one output format each (plots need the ``plot`` extra).
 - ``write``: :func:`write_report`, the report folder from all of the above.
 """
 
+from .curves import CurveGroup, CurveSeries, training_curves
 from .formatting import RANDOM_WEIGHTS_BANNER, STD_CONVENTION
 from .order import dataset_sort_key, method_sort_key
 from .records import PROTOCOLS, RecordWarning, read_records
@@ -64,6 +66,8 @@ __all__ = [
     "TransferCell",
     "TransferAverage",
     "TransferTable",
+    "CurveGroup",
+    "CurveSeries",
     "read_records",
     "harmonic_mean",
     "mean_std",
@@ -73,6 +77,7 @@ __all__ = [
     "fewshot_table",
     "cross_dataset_table",
     "dg_table",
+    "training_curves",
     "write_report",
 ]
 

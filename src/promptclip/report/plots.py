@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from ..errors import PromptClipError
+from .curves import CurveGroup
 from .formatting import RANDOM_WEIGHTS_BANNER, n_datasets
 from .order import dataset_sort_key
 from .stats import is_nan
@@ -153,4 +154,34 @@ def b2n_plots(table: B2NTable, out_dir: Path, figure_cls, canvas_cls) -> list[Pa
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     paths.append(save_png(fig, canvas_cls, out_dir / "base2novel_per_dataset.png",
                           any(r.random_weights for r in table.rows)))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training curves
+
+
+def curve_plots(groups: list[CurveGroup], out_dir: Path, figure_cls, canvas_cls) -> list[Path]:
+    """One PNG per run group (``curves_<protocol>_<dataset>_<method>.png``): training loss and learning rate per
+    step, training accuracy per epoch; one line per shots × seed."""
+    paths = []
+    for group in groups:
+        fig = figure_cls(figsize=(13.5, 3.8))
+        loss_ax, acc_ax, lr_ax = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+        for series in group.series:
+            steps = [s["step"] for s in series.steps]
+            loss_ax.plot(steps, [s["loss"] for s in series.steps], linewidth=1, label=series.label)
+            lr_ax.plot(steps, [s["lr"] for s in series.steps], linewidth=1, label=series.label)
+            acc_ax.plot([e["epoch"] for e in series.epochs], [e["train_acc"] for e in series.epochs], marker="o",
+                        markersize=3, label=series.label)
+        for ax, title, xlabel in ((loss_ax, "training loss", "step"), (acc_ax, "training accuracy (%)", "epoch"),
+                                  (lr_ax, "learning rate", "step")):
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.grid(True, alpha=0.3)
+        loss_ax.legend(fontsize=7, loc="best")
+        fig.suptitle(f"Training curves: {group.title}")
+        fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+        name = f"curves_{safe_name(group.protocol)}_{safe_name(group.dataset)}_{safe_name(group.label)}.png"
+        paths.append(save_png(fig, canvas_cls, out_dir / name, group.random_weights))
     return paths

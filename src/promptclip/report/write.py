@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import PromptClipError
 from .csv_files import b2n_csv, fewshot_csv, transfer_csv
+from .curves import training_curves
 from .markdown import (
     PublishedLog,
     b2n_markdown,
@@ -16,18 +17,21 @@ from .markdown import (
     header_markdown,
     transfer_markdown,
 )
-from .plots import b2n_plots, fewshot_plots, load_matplotlib
+from .plots import b2n_plots, curve_plots, fewshot_plots, load_matplotlib
 from .records import PROTOCOLS, validate_record
 from .tables import base2novel_table, cross_dataset_table, dg_table, fewshot_table
 
 
-def write_report(records: Iterable[dict], out_dir: str | PathLike, plots: bool = True) -> list[Path]:
+def write_report(records: Iterable[dict], out_dir: str | PathLike, plots: bool = True,
+                 records_dir: str | PathLike | None = None) -> list[Path]:
     """Write ``report.md``, one CSV per protocol present and (``plots=True``) PNG plots into ``out_dir``.
 
     Returns the written paths: ``report.md`` first, then the CSVs (``base2novel.csv``, ``fewshot.csv``,
     ``cross_dataset.csv``, ``domain_generalization.csv``), then the PNGs (``base2novel_average.png``,
-    ``base2novel_per_dataset.png``, ``fewshot_average.png``, ``fewshot_<dataset>.png``). With ``plots=True`` and
-    matplotlib missing, raises :class:`PromptClipError` before writing anything.
+    ``base2novel_per_dataset.png``, ``fewshot_average.png``, ``fewshot_<dataset>.png``, and one
+    ``curves_<protocol>_<dataset>_<method>.png`` per group of trained runs whose ``metrics.jsonl`` is found: in the
+    recorded run directory or, for a moved output, under ``records_dir``). With ``plots=True`` and matplotlib
+    missing, raises :class:`PromptClipError` before writing anything.
     """
     records = list(records)
     if not records:
@@ -68,6 +72,8 @@ def write_report(records: Iterable[dict], out_dir: str | PathLike, plots: bool =
             md += transfer_markdown(tt, log, title)
             csvs.append(transfer_csv(tt, out / f"{protocol}.csv"))
             notes += tt.notes
+    if plots:
+        pngs += curve_plots(training_curves(records, records_dir), out, figure_cls, canvas_cls)
     md += footer_markdown(notes, log)
     report = out / "report.md"
     report.write_text("\n".join(md), encoding="utf-8")
