@@ -11,3 +11,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isolated_registry():
+    """Methods registered during the test (plugins) are gone after it: the registry and the plugin sources are
+    restored, so the rest of the session sees the built-in methods only."""
+    from promptclip.methods import base, plugins
+    from promptclip.methods.registry import load_builtin_methods
+
+    load_builtin_methods()
+    registry, sources = dict(base._REGISTRY), dict(plugins._SOURCES)
+    yield
+    base._REGISTRY.clear()
+    base._REGISTRY.update(registry)
+    plugins._SOURCES.clear()
+    plugins._SOURCES.update(sources)

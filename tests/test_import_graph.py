@@ -76,8 +76,8 @@ def test_the_graph_sees_imports_of_all_kinds():
     graph = import_graph()
     assert "promptclip.report.tables" in graph["promptclip.report.write"]  # from .tables import f
     assert "promptclip.errors" in graph["promptclip.data.datasets"]  # from ..errors import DataError
-    assert "promptclip.methods.builtin" in graph["promptclip.methods.base"]  # from . import builtin, in a function
-    assert "promptclip.methods" not in graph["promptclip.methods.base"]
+    assert "promptclip.methods.builtin" in graph["promptclip.methods.registry"]  # from . import builtin, in a function
+    assert "promptclip.methods" not in graph["promptclip.methods.registry"]
 
 
 def test_find_cycle_reports_a_cycle():

@@ -12,6 +12,7 @@ _LAZY = {
     "Predictor": ("api", "Predictor"),
     "create_method": ("methods", "create_method"),
     "list_methods": ("methods", "list_methods"),
+    "load_plugin": ("methods", "load_plugin"),
     "fit": ("train", "fit"),
     "TrainConfig": ("train", "TrainConfig"),
     "train_config_from_dassl": ("train", "train_config_from_dassl"),

@@ -1,10 +1,11 @@
 """Adapter files and resumable training state.
 
 An adapter is two files side by side: ``<name>.safetensors`` with only the method's learnable tensors, and
-``<name>.json`` with the method, its config, the backbone (name and fingerprint), the class names, the template and
-the package version. Training state for resuming (``train_state.json`` naming ``train_state-epoch<E>.safetensors``)
-adds the optimizer's momentum buffers and the method's extra state; the JSON is written last and names the epoch
-and its tensors file, so a crash never leaves a half-written state that looks complete.
+``<name>.json`` with the method and where it comes from (built-in, installed package or plugin), its config, the
+backbone (name and fingerprint), the class names, the template and the package version. Training state for resuming
+(``train_state.json`` naming ``train_state-epoch<E>.safetensors``) adds the optimizer's momentum buffers and the
+method's extra state; the JSON is written last and names the epoch and its tensors file, so a crash never leaves a
+half-written state that looks complete.
 """
 
 from __future__ import annotations
@@ -98,12 +99,15 @@ def adapter_paths(path: str | Path) -> tuple[Path, Path]:
 def save_adapter(path: str | Path, method, backbone_name: str, backbone_fingerprint: str,
                  extra: Mapping[str, Any] | None = None) -> Path:
     """Write the method's learnable tensors and their metadata; returns the ``.safetensors`` path."""
+    from .methods import method_source
+
     tensors_path, meta_path = adapter_paths(path)
     state = method.adapter_state()
     atomic_save_tensors(state, tensors_path)
     meta = {
         "format": ADAPTER_FORMAT,
         "method": method.name,
+        "method_source": method_source(method.name).to_dict(),
         "config": to_dict(method.config),
         "backbone": {"name": backbone_name, "fingerprint": backbone_fingerprint},
         "classnames": list(method.classnames),
@@ -141,6 +145,20 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return meta, tensors
 
 
+def check_method_available(meta: Mapping[str, Any], path: str | Path) -> None:
+    """An :class:`AdapterError` saying which plugin to load when the adapter's method is not registered here."""
+    from .methods import MethodSource, get_method_class
+
+    try:
+        get_method_class(meta["method"])
+    except ConfigError as err:
+        source = MethodSource.from_dict(meta.get("method_source"))
+        if source is None:
+            raise AdapterError(f"adapter {path}: {err}") from None
+        raise AdapterError(f"adapter {path} was trained with method {meta['method']!r}, which is not loaded: "
+                           f"{source.how_to_load()}") from None
+
+
 def load_adapter(path: str | Path, backbone, backbone_fingerprint: str | None = None,
                  classnames: list[str] | None = None, template: str | None = None, expect_method: str | None = None):
     """Rebuild a method from an adapter onto ``backbone``; ``classnames`` swaps in other classes.
@@ -152,6 +170,7 @@ def load_adapter(path: str | Path, backbone, backbone_fingerprint: str | None = 
     meta, tensors = read_adapter(path)
     if expect_method is not None and meta["method"] != expect_method:
         raise AdapterError(f"adapter {path} was trained with method {meta['method']!r}, not {expect_method!r}")
+    check_method_available(meta, path)
     _check_backbone(path, meta, backbone_fingerprint)
     try:
         method = create_method(meta["method"], backbone, meta["classnames"], meta["config"],

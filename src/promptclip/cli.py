@@ -136,6 +136,27 @@ def _method_map(items: list[str] | None, option: str = "--preset",
     return mapping
 
 
+def _load_plugins(args) -> None:
+    """``--plugin`` specs, then plugin specs given in place of method names (``--method ./my_method.py:MyPrompt``)."""
+    from .methods.plugins import load_plugin, resolve_method
+
+    for spec in getattr(args, "plugin", None) or []:
+        load_plugin(spec)
+    if getattr(args, "method", None):
+        args.method = resolve_method(args.method)
+    if getattr(args, "methods", None):
+        args.methods = [resolve_method(m) for m in args.methods]
+
+
+def _adapter_meta(path: str) -> dict[str, Any]:
+    """The adapter's metadata, after checking that its method is registered (before any weights load)."""
+    from .checkpoint import check_method_available, read_adapter
+
+    meta = read_adapter(_adapter_file(path))[0]
+    check_method_available(meta, path)
+    return meta
+
+
 def _write_report(records_path: Path, out: Path, plots: bool, required: bool = False) -> list[Path]:
     """Tables always; plots when asked for and matplotlib is there (``required``: its absence is an error)."""
     import importlib.util
@@ -153,13 +174,15 @@ def _write_report(records_path: Path, out: Path, plots: bool, required: bool = F
 
 def cmd_list(args) -> int:
     if args.what == "methods":
-        from .methods import get_method_class, list_methods
+        from .methods import get_method_class, list_methods, method_source
 
         for name in list_methods():
             cls = get_method_class(name)
-            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            doc = ((cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines() or [""])[0]
             vit = "" if cls.supports_resnet else "  [ViT only]"
-            _say(f"{name:10s} {doc}{vit}")
+            source = method_source(name)
+            origin = "" if source.kind == "builtin" else f"  [{source.kind}: {source.distribution or source.spec}]"
+            _say(f"{name:10s} {doc}{vit}{origin}")
     elif args.what == "datasets":
         from .data import get_spec, list_datasets
 
@@ -266,10 +289,9 @@ def cmd_eval(args) -> int:
     if not args.adapter:
         _check_learns_nothing(args.method)
     backbone_name = args.backbone
-    if args.adapter and backbone_name is None:
-        from .checkpoint import read_adapter
-
-        backbone_name = read_adapter(_adapter_file(args.adapter))[0]["backbone"]["name"]
+    if args.adapter:
+        meta = _adapter_meta(args.adapter)
+        backbone_name = backbone_name or meta["backbone"]["name"]
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
     splits.nonempty("test")  # data errors before any weights load
     backbone = _load_backbone(backbone_name or "ViT-B/16", args)
@@ -416,9 +438,7 @@ def cmd_predict(args) -> int:
 
         check_template(args.template, "--template")
     if args.adapter:
-        from .checkpoint import read_adapter
-
-        meta = read_adapter(_adapter_file(args.adapter))[0]
+        meta = _adapter_meta(args.adapter)
         backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args)
         method = load_trained(_adapter_file(args.adapter), backbone, classnames, args.template)
         predictor = Predictor(method, backbone, args.device, args.precision or "auto")
@@ -547,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autocast precision (default from the preset: auto = bf16 where the hardware has it)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--plugin", action="append", metavar="SPEC",
+                        help="load methods from FILE.py[:Class] or package.module[:Class] first (repeatable); "
+                             "installed packages need none (entry points 'promptclip.methods')")
 
     parser = _Parser(prog="promptclip", description="Prompt learning on frozen CLIP models.")
     parser.add_argument("--version", action="version", version=f"promptclip {__version__}")
@@ -574,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also send the training metrics (always in metrics.jsonl) to tensorboard and/or wandb")
 
     p = add("train", "train one method on one dataset split and save its adapter")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, help="a method name, or a plugin's FILE.py:Class")
     p.add_argument("--preset", help="preset name or YAML path (default: the method's official few-shot preset)")
     data_args(p)
     config_args(p)
@@ -600,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", "run a protocol grid (methods x datasets x seeds x shots), resumable, then write the report")
     p.add_argument("protocol", help="base2novel, fewshot, cross_dataset or domain_generalization")
-    p.add_argument("--methods", nargs="+", required=True)
+    p.add_argument("--methods", nargs="+", required=True, help="method names (or plugin specs FILE.py:Class)")
     p.add_argument("--datasets", nargs="+", required=True)
     p.add_argument("--seeds", nargs="+", type=seed, default=[1, 2, 3])
     p.add_argument("--shots", nargs="+", type=SHOTS,
@@ -692,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"`{args.command}` does not run data-parallel; only train and run do under "
                                   "torchrun (run other commands with plain `promptclip`)")
             ctx, args.device = distributed.setup(args.device)
+        _load_plugins(args)
         if getattr(args, "log_to", None):
             check_trackers(args.log_to)  # says how to install a missing one before any weights load
         with warnings.catch_warnings():

@@ -11,9 +11,11 @@ locked append-once to ``<out>/records.jsonl`` as a local grid — so local and c
 a rerun (on any machine that sees the output directory) skips finished cells, resumes interrupted ones from their last
 finished epoch, skips cells that another process is running, and never appends a record twice.
 
-A job loads the backbone itself (by the name or path given to the launcher, which must resolve to the same weights
-on the compute nodes: the fingerprint is checked). With ``--gpus-per-job N`` > 1 the job runs N tasks, one per GPU,
-and trains the cell data-parallel (:mod:`promptclip.distributed`, environment from submitit).
+A job loads the plugins of its cell's method (files and modules given to ``--plugin``, recorded by
+:func:`promptclip.methods.method_source`; installed packages load through their entry points) and the backbone itself
+(by the name or path given to the launcher, which must resolve to the same weights on the compute nodes: the
+fingerprint is checked). With ``--gpus-per-job N`` > 1 the job runs N tasks, one per GPU, and trains the cell
+data-parallel (:mod:`promptclip.distributed`, environment from submitit).
 """
 
 from __future__ import annotations
@@ -115,12 +117,16 @@ def _job_log(text: str) -> None:
         print(text, flush=True)
 
 
-def run_cell_job(cell: Cell, backbone_source: str, fingerprint: str, out: str, options: RunOptions
-                 ) -> list[dict[str, Any]]:
+def run_cell_job(cell: Cell, backbone_source: str, fingerprint: str, out: str, options: RunOptions,
+                 plugins: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One grid cell inside a submitit job: every task of the job runs it (data-parallel when there are several);
-    task 0 writes the done marker and appends the records. Returns the cell's records."""
+    task 0 writes the done marker and appends the records. ``plugins``: the plugin specs the cell's method needs
+    (a job is a new process). Returns the cell's records."""
     from .api import load_backbone
+    from .methods import load_plugin
 
+    for spec in plugins:
+        load_plugin(spec)
     ctx = None
     if _job_tasks() > 1:
         import submitit.helpers
@@ -175,11 +181,12 @@ def submit_grid(cells: list[Cell], backbone: Backbone, backbone_source: str, out
         else:
             pending.append(cell)
     if pending:
+        plugins = job_plugins(pending)
         executor = make_executor(cluster, folder)
         job_options = dataclasses.replace(options, progress=False, log=_job_log, on_epoch=None)
         n = len(pending)
         jobs = executor.map_array(run_cell_job, pending, [backbone_source] * n, [backbone.fingerprint] * n,
-                                  [str(out)] * n, [job_options] * n)
+                                  [str(out)] * n, [job_options] * n, [plugins] * n)
         result.submitted = n
         result.job_ids = [job.job_id for job in jobs]
         for cell, job in zip(pending, jobs, strict=True):
@@ -201,6 +208,22 @@ def submit_grid(cells: list[Cell], backbone: Backbone, backbone_source: str, out
         if done.exists():
             result.records.extend(read_done_records(done))
     return result
+
+
+def job_plugins(cells: list[Cell]) -> tuple[str, ...]:
+    """The plugin specs that jobs load before building their cells' methods (installed packages need none: their
+    entry points load by name)."""
+    from .methods import method_source
+
+    specs = []
+    for method in sorted({cell.method for cell in cells}):
+        source = method_source(method)
+        if source.kind == "script":
+            raise ConfigError(f"method {method!r} is defined in __main__ (a script or notebook), which cluster jobs "
+                              "cannot import: put it in a file and pass --plugin FILE.py (docs/new-method.md)")
+        if source.loadable and source.spec not in specs:
+            specs.append(source.spec)
+    return tuple(specs)
 
 
 def check_failures(result: ClusterResult) -> None:

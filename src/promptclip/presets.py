@@ -5,6 +5,9 @@ A preset (``src/promptclip/presets/<method>/<name>.yaml``, shipped inside the pa
 has them) holds ``method``, ``backbone``, ``method_config`` (the method's config dataclass fields), ``train``
 (:class:`promptclip.train.TrainConfig` fields; absent for zero-shot), optional ``eval`` (``batch_size``) and
 ``source`` (where the numbers come from).
+
+Methods from plugins ship their presets on the class (``PromptMethod.presets``: name -> preset keys or a YAML path),
+named ``<method>/<name>`` like the built-in ones; any preset can also be given as the path of a YAML file.
 """
 
 from __future__ import annotations
@@ -54,39 +57,78 @@ class Preset:
 
 
 def list_presets() -> list[str]:
-    return sorted(f"{p.parent.name}/{p.stem}" for p in PRESETS_DIR.glob("*/*.yaml"))
+    """The built-in presets and those shipped by plugin methods (loaded plugins and installed packages)."""
+    from .methods import get_method_class, list_methods
+
+    shipped = [f"{m}/{name}" for m in list_methods() for name in get_method_class(m).presets]
+    return sorted({*(f"{p.parent.name}/{p.stem}" for p in PRESETS_DIR.glob("*/*.yaml")), *shipped})
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
-    """A preset by name (``maple/vit_b16_c2_ep5_batch4_2ctx``) or by the path of a YAML file."""
+    """A preset by name (``maple/vit_b16_c2_ep5_batch4_2ctx``, ``<plugin method>/<name>``) or by the path of a YAML
+    file."""
     path = Path(name_or_path)
     if path.is_file() and path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"preset {path} is not a .yaml file: pass a preset name (`promptclip list presets`) or the "
                           "path of a YAML preset")
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        if path.suffix in (".yaml", ".yml"):
-            raise ConfigError(f"preset file {path} does not exist")
-        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if path.suffix in (".yaml", ".yml"):
         if not path.exists():
-            names = list_presets()
-            raise ConfigError(f"unknown preset {str(name_or_path)!r}{suggest(str(name_or_path), names)}; "
-                              f"see `promptclip list presets` ({len(names)} presets)")
-        name = str(name_or_path)
-    else:
-        name = str(path)
+            raise ConfigError(f"preset file {path} does not exist")
+        return _preset_file(str(path), path)
+    builtin = PRESETS_DIR / f"{name_or_path}.yaml"
+    if builtin.exists():
+        return _preset_file(str(name_or_path), builtin)
+    shipped = _shipped_preset(str(name_or_path))
+    if shipped is not None:
+        return shipped
+    names = list_presets()
+    raise ConfigError(f"unknown preset {str(name_or_path)!r}{suggest(str(name_or_path), names)}; "
+                      f"see `promptclip list presets` ({len(names)} presets)")
+
+
+def _preset_file(name: str, path: Path, method: str | None = None) -> Preset:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"preset {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except OSError as err:
+        raise ConfigError(f"preset {name}: cannot read {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a YAML mapping with the keys {', '.join(PRESET_KEYS)}; it holds a "
                           f"{type(data).__name__}")
+    if method is not None:
+        data.setdefault("method", method)
     try:
         return preset_from_dict(name, data, source_file=str(path))
     except ConfigError as err:
         if str(path) in str(err):
             raise
         raise ConfigError(f"preset {path}: {err}") from None
+
+
+def _shipped_preset(name: str) -> Preset | None:
+    """Preset ``<method>/<name>`` from the method class's ``presets`` (None: the method ships no such preset)."""
+    import sys
+
+    from .methods import get_method_class
+
+    method, _, key = name.partition("/")
+    if not key:
+        return None
+    try:
+        cls = get_method_class(method)
+    except ConfigError:
+        return None
+    entry = cls.presets.get(key)
+    if entry is None:
+        return None
+    if isinstance(entry, (str, Path)):
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            path = Path(getattr(sys.modules[cls.__module__], "__file__", ".")).parent / path
+        return _preset_file(name, path, method)
+    data = {"method": method, **dict(entry)}
+    return preset_from_dict(name, data, source_file=f"{name} (presets of {cls.__module__}.{cls.__qualname__})")
 
 
 def preset_from_dict(name: str, data: dict[str, Any], source_file: str = "") -> Preset:
@@ -205,8 +247,13 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
-        candidates = [p for p in list_presets() if p.startswith(f"{method}/")]
+        shipped = get_method_class(method).presets
+        for key in (protocol, "default"):
+            if key in shipped:
+                return f"{method}/{key}"
+        candidates = sorted(p.stem for p in (PRESETS_DIR / method).glob("*.yaml"))
         if not candidates:
-            raise ConfigError(f"method {method!r} has no preset; pass --preset or a YAML file")
-        return candidates[0]
+            raise ConfigError(f"method {method!r} has no preset: pass --preset {method}=FILE.yaml (a YAML preset), or "
+                              "give the class a `presets` mapping with a 'default' entry (docs/new-method.md)")
+        return f"{method}/{candidates[0]}"
     return _BASE_PRESETS[method]

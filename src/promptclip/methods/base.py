@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -20,50 +21,26 @@ from torch import nn
 
 from ..clip.model import CLIP
 from ..clip.tokenizer import ContextLengthError
-from ..config import from_dict, suggest
 from ..data.classnames import check_classnames, prompt_too_long
 from ..data.templates import check_template
 from ..errors import ConfigError
 
+#: Every registered method by name: the built-in ones and plugins (promptclip.methods.registry looks names up).
 _REGISTRY: dict[str, type[PromptMethod]] = {}
 
 
 def register(cls: type[PromptMethod]) -> type[PromptMethod]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
+    """Class decorator adding a method to the registry under ``cls.name`` (built-in methods and plugins alike)."""
+    if not isinstance(cls, type) or not issubclass(cls, PromptMethod):
+        raise TypeError(f"{cls!r} is not a PromptMethod subclass")
     if not getattr(cls, "name", None) or not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
         raise TypeError(f"{cls.__name__} needs a `name` and a dataclass `config_class`")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name {cls.name!r} is registered twice")
+        other = _REGISTRY[cls.name]
+        raise TypeError(f"method name {cls.name!r} is registered twice ({other.__module__}.{other.__qualname__} and "
+                        f"{cls.__module__}.{cls.__qualname__}); give one of them another `name`")
     _REGISTRY[cls.name] = cls
     return cls
-
-
-def _load_builtin_methods() -> None:
-    from . import builtin  # noqa: F401  (imports every method file, which registers it)
-
-
-def list_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
-
-
-def get_method_class(name: str) -> type[PromptMethod]:
-    _load_builtin_methods()
-    if name not in _REGISTRY:
-        available = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"unknown method {name!r}{suggest(name, _REGISTRY)}; available: {available}")
-    return _REGISTRY[name]
-
-
-def create_method(name: str, backbone: CLIP, classnames: list[str], config: Mapping[str, Any] | Any = None,
-                  template: str | None = None) -> PromptMethod:
-    """Build method ``name`` on a frozen ``backbone`` for ``classnames``; ``config`` is a dict or the config object."""
-    cls = get_method_class(name)
-    if config is None or isinstance(config, Mapping):
-        config = from_dict(cls.config_class, config or {}, where=name)
-    elif not isinstance(config, cls.config_class):
-        raise ConfigError(f"method {name!r} takes a {cls.config_class.__name__}, got {type(config).__name__}")
-    return cls(backbone, config, classnames, template=template)
 
 
 class PromptMethod(nn.Module):
@@ -82,8 +59,16 @@ class PromptMethod(nn.Module):
     supports_resnet: ClassVar[bool] = True
     #: Text features independent of the image: eval computes them once per class set.
     image_independent_text: ClassVar[bool] = False
+    #: Whether its learned text passes follow the text-memory policy (chunks, checkpoints: promptclip.memory), as
+    #: :func:`promptclip.methods.prompts.encode_text_embeddings` does; the contract checks it unless False.
+    follows_text_memory: ClassVar[bool] = True
     #: Trainer class names of the reference implementations this method reproduces (parity goldens).
     reference_trainers: ClassVar[tuple[str, ...]] = ()
+    #: Presets shipped with the method (plugins; the built-in presets are YAML files in promptclip/presets/): preset
+    #: name -> the preset's keys without ``method`` (``backbone``, ``method_config``, ``train``, ``eval``, ``source``)
+    #: or the path of a YAML preset file (relative: to the file defining the class). Named ``<method>/<name>``; one
+    #: named after a protocol is that protocol's default preset, ``default`` the default of the others.
+    presets: ClassVar[Mapping[str, Mapping[str, Any] | str | Path]] = {}
 
     def __init__(self, backbone: CLIP, config: Any, classnames: list[str], template: str | None = None):
         super().__init__()

@@ -212,6 +212,9 @@ class DCP(PromptMethod):
     supports_resnet = False
     #: Paper mode: text features depend on the image; reference mode: image features depend on the batch.
     image_independent_text = False
+    #: The text tower runs in lockstep with the image tower (cross-modal attention at every CMPA layer), so the
+    #: text-memory policy cannot chunk it; ``text_chunk_size`` splits per-sample paper-mode batches instead.
+    follows_text_memory = False
     reference_trainers = ("CMPA",)
 
     def __init__(self, backbone, config: DCPConfig, classnames, template=None):
