@@ -12,7 +12,7 @@ import pytest
 from promptclip.cli import main
 from promptclip.clip.architectures import build_random
 from promptclip.methods import create_method
-from promptclip.report import training_curves, write_report
+from promptclip.report import read_records, training_curves, write_report
 from promptclip.tracking import METRICS_FILE, read_metrics
 from promptclip.train import TrainConfig, fit
 from toy_data import Separable
@@ -185,6 +185,7 @@ def test_report_plots_training_curves_of_a_moved_output(tmp_path):
     out.rename(moved)
     records = [json.loads(line) for line in (moved / "records.jsonl").read_text().splitlines()]
     assert not Path(records[0]["run_dir"]).exists()
+    assert read_records(moved) == records  # a folder's *.jsonl are records, its runs' metrics.jsonl are not
     (group,) = training_curves(records, moved)
     assert (group.protocol, group.dataset, group.method) == ("fewshot", "eurosat-sample", "coop")
     assert [(s.shots, s.seed) for s in group.series] == [(1, 1), (1, 2)]

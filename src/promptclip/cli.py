@@ -166,7 +166,8 @@ def _write_report(records_path: Path, out: Path, plots: bool, required: bool = F
     if plots and not required and importlib.util.find_spec("matplotlib") is None:
         _say('plots skipped: matplotlib is not installed (pip install "promptclip[plot]")')
         plots = False
-    return write_report(read_records(records_path), out, plots=plots, records_dir=records_path.parent)
+    records_dir = records_path if records_path.is_dir() else records_path.parent
+    return write_report(read_records(records_path), out, plots=plots, records_dir=records_dir)
 
 
 # -- commands ------------------------------------------------------------------------------------------------------
@@ -178,9 +179,12 @@ def cmd_list(args) -> int:
 
         for name in list_methods():
             cls = get_method_class(name)
-            doc = ((cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines() or [""])[0]
-            vit = "" if cls.supports_resnet else "  [ViT only]"
             source = method_source(name)
+            module_doc = sys.modules[cls.__module__].__doc__
+            # A built-in method's file describes it; a plugin's class does (its module may hold several).
+            doc = (module_doc if source.kind == "builtin" else cls.__doc__ or module_doc) or ""
+            doc = (doc.strip().splitlines() or [""])[0]
+            vit = "" if cls.supports_resnet else "  [ViT only]"
             origin = "" if source.kind == "builtin" else f"  [{source.kind}: {source.distribution or source.spec}]"
             _say(f"{name:10s} {doc}{vit}{origin}")
     elif args.what == "datasets":

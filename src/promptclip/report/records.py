@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import PromptClipError
+from ..tracking import METRICS_FILE
 
 PROTOCOLS: tuple[str, ...] = ("base2novel", "fewshot", "cross_dataset", "domain_generalization")
 SPLITS: tuple[str, ...] = ("base", "novel", "all")
@@ -43,7 +44,7 @@ def _expand(path_or_paths: str | PathLike | Iterable[str | PathLike]) -> list[Pa
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.rglob("*.jsonl"))
+            found = sorted(f for f in p.rglob("*.jsonl") if f.name != METRICS_FILE)  # runs' training metrics
             if not found:
                 raise PromptClipError(f"no *.jsonl record files under {p}")
             files.extend(found)
@@ -84,7 +85,8 @@ def _identity(record: dict) -> tuple:
 
 
 def read_records(path_or_paths: str | PathLike | Iterable[str | PathLike]) -> list[dict]:
-    """Records from one or more JSONL files (a directory means every ``*.jsonl`` under it, sorted).
+    """Records from one or more JSONL files (a directory means every ``*.jsonl`` under it, sorted, except the runs'
+    ``metrics.jsonl``).
 
     - Blank lines are ignored.
     - A last line that is not valid JSON (a write cut short by a crash) is skipped with a :class:`RecordWarning`.
