@@ -238,3 +238,22 @@ def test_cluster_jobs_refuse_a_method_defined_in_main(isolated_registry, toy_fil
     plugins._SOURCES.pop("toy_shift")
     with pytest.raises(ConfigError, match="defined in __main__"):
         job_plugins(cells)
+
+
+def test_torchrun_ranks_load_the_plugin_from_the_command_line(toy_file, tmp_path, monkeypatch):
+    import subprocess
+
+    from promptclip.tracking import METRICS_FILE, read_metrics
+
+    launcher = Path(sys.executable).parent / "torchrun"
+    head = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "ddp"
+    done = subprocess.run([*head, "--standalone", "--nproc-per-node", "2", "-m", "promptclip", "train", "--method",
+                           f"{toy_file}:ToyShift", *SAMPLE, "--shots", "1", *FAST, "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["method_source"] == {"kind": "plugin", "spec": f"{toy_file.resolve()}:ToyShift"}
+    steps, epochs = read_metrics(out / METRICS_FILE)  # rank 0 alone writes: every step once, global batches
+    assert [s["step"] for s in steps] == [1] and steps[0]["batch_size"] == 10 and len(epochs) == 1
