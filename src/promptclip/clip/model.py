@@ -14,7 +14,8 @@ Each tower exposes the same stages:
 
 ``CLIP.forward_lockstep`` runs both towers layer by layer with a ``couple(layer, x_img, x_txt)`` callback.
 This module holds no method code, no learnable prompts and no dtype casts: precision is applied by autocast
-(``promptclip.precision``).
+(``promptclip.precision``). The blocks' products go through :func:`promptclip.clip.kernels.frozen_linear`, which
+picks the CPU kernel of fp32 products with frozen weights.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import frozen_linear
 
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
 Couple = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -94,7 +97,11 @@ class LayerNorm(nn.LayerNorm):
 
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # Without autograd, the same operations in one buffer: the [tokens, 4 x width] temporaries are the largest
+        # tensors of a block, and each fresh one costs page faults on the CPU. The values are bitwise the same.
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
 class SelfAttention(nn.Module):
@@ -110,10 +117,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = frozen_linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        return frozen_linear(out, self.out_proj.weight, self.out_proj.bias)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -134,7 +142,9 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=self.causal)
-        return x + self.mlp(self.ln_2(x))
+        mlp = self.mlp
+        hidden = mlp.gelu(frozen_linear(self.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
+        return x + frozen_linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
 
 
 class Transformer(nn.Module):

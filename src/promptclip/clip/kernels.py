@@ -1,0 +1,95 @@
+"""Which CPU kernel computes the frozen towers' fp32 matrix products.
+
+PyTorch sends an fp32 ``F.linear`` on the CPU to its BLAS (MKL in the official wheels). On AMD CPUs MKL's sgemm
+runs a generic code path: on the AMD EPYC (Zen 5) of docs/performance.md it reaches about half of what oneDNN's
+fp32 matmul reaches on the same core (``bench/roofline.py`` prints both). Under bf16 autocast both go to oneDNN
+already, so only fp32 changes.
+
+The backends (:func:`cpu_linear` selects one for the current thread or asyncio task, like ``torch.no_grad``):
+
+``auto`` (default)
+    ``onednn`` on AMD x86 CPUs, where it was measured faster; ``blas`` elsewhere (on Intel CPUs MKL's sgemm runs
+    its optimised path; not measured here, so nothing changes there).
+``onednn``
+    oneDNN's matmul for fp32 products whose weight and bias are frozen (no ``requires_grad``); the input may
+    require a gradient, whose backward (``grad @ weight``) also runs in oneDNN. Any other case (trainable weights,
+    autocast, another dtype or device) falls back to ``F.linear``.
+``blas``
+    always ``F.linear`` (PyTorch's own choice).
+
+The kernels sum in a different order than MKL: results agree to float32 rounding (about 1e-6 relative), not
+bitwise, which the parity tolerances (tests/golden/README.md) absorb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+
+from ..precision import cpu_vendor
+
+BACKENDS = ("auto", "blas", "onednn")
+_CURRENT: ContextVar[str] = ContextVar("promptclip_cpu_linear", default="auto")
+
+
+@contextlib.contextmanager
+def cpu_linear(backend: str) -> Iterator[None]:
+    """Use ``backend`` (``auto``, ``blas`` or ``onednn``) for the frozen towers' fp32 CPU products in this block."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown CPU linear backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    token = _CURRENT.set(backend)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's fused linear op (x86 builds of PyTorch >= 2.0 have it)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+def resolved_backend() -> str:
+    """The backend in effect, with ``auto`` resolved for this machine."""
+    backend = _CURRENT.get()
+    if backend == "auto":
+        backend = "onednn" if cpu_vendor() == "AuthenticAMD" else "blas"
+    return "onednn" if backend == "onednn" and onednn_available() else "blas"
+
+
+def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ weight.T + bias`` with frozen weight and bias; the backward gives the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        out = _onednn(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_in = _onednn(grad.reshape(-1, grad.shape[-1]), weight.t(), None)
+        return grad_in.view(*grad.shape[:-1], weight.shape[1]), None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, by the backend in effect where it applies (see the module docstring)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not weight.requires_grad and (bias is None or not bias.requires_grad)
+            and not torch.is_autocast_enabled("cpu") and resolved_backend() == "onednn"):
+        return _OneDNNLinear.apply(x.contiguous(), weight, bias)
+    return F.linear(x, weight, bias)
