@@ -296,6 +296,24 @@ def test_kgcoop_frozen_features_follow_class_names_and_stay_out_of_the_adapter(t
     torch.testing.assert_close(method.kg_text_features, expected / expected.norm(dim=-1, keepdim=True))
 
 
+def test_kgcoop_evaluation_and_class_swaps_never_encode_the_frozen_templates(tiny):
+    """The frozen KG features are a training-loss term: building the method, swapping classes (base -> novel) and
+    evaluating run the text tower only for the learned prompts' class features."""
+    passes = []
+    handle = tiny.transformer.resblocks[0].register_forward_pre_hook(lambda _m, args: passes.append(args[0].shape[0]))
+    try:
+        method = create_method("kgcoop", tiny, CLASSES, template="a photo of a {}.")
+        method.set_classnames(["airplane", "ship", "truck"])
+        method.eval()
+        with torch.no_grad():
+            for _ in range(2):
+                method({"image": tiny_images(2)})
+    finally:
+        handle.remove()
+    assert passes == [3]  # one pass: the three learned-prompt class features, cached for the second batch
+    assert method._kg_text_features is None
+
+
 def test_kgcoop_loss_needs_a_forward_first(tiny):
     method = create_method("kgcoop", tiny, CLASSES)
     batch = {"image": tiny_images(1), "label": torch.tensor([0])}

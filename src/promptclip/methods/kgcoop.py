@@ -6,8 +6,9 @@ the loss is
     loss = CE(logits, y) + w * (1 - mean_c cos(t_c, t_c^clip))
 
 with ``t_c`` the learned text feature of class c and ``t_c^clip`` the frozen CLIP feature of the hand-crafted
-template filled with the class name (both L2-normalised). The frozen features are non-persistent buffers recomputed
-from the current class names; they are never part of the adapter.
+template filled with the class name (both L2-normalised). The frozen features are a non-persistent buffer computed
+at the first training loss for the current class names (evaluation never needs them); they are never part of the
+adapter.
 
 Reference behaviour worth knowing:
 
@@ -73,13 +74,23 @@ class KgCoOp(CoOp):
 
     def rebuild_class_buffers(self) -> None:
         super().rebuild_class_buffers()
-        frozen = encode_texts(self.clip, [self.kg_template.format(name) for name in self.classnames])
-        self.register_buffer("kg_text_features", frozen / frozen.norm(dim=-1, keepdim=True), persistent=False)
+        # Only the training loss needs the frozen features: computed at first use, so evaluation and class swaps
+        # (base -> novel, cross-dataset targets) never run the text tower for them.
+        self.register_buffer("_kg_text_features", None, persistent=False)
+
+    @property
+    def kg_text_features(self) -> torch.Tensor:
+        """L2-normalised frozen CLIP features ``[C, D]`` of ``kg_template`` for the current classes (fp32)."""
+        if self._kg_text_features is None:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                frozen = encode_texts(self.clip, [self.kg_template.format(name) for name in self.classnames])
+            self._kg_text_features = frozen / frozen.norm(dim=-1, keepdim=True)
+        return self._kg_text_features
 
     def forward(self, batch) -> torch.Tensor:
         text_features = self.class_features()
         self._last_text_features = text_features  # the KG term of ``loss`` uses the same forward's features
-        return cosine_logits(self.clip, self.clip.encode_image(batch["image"]), text_features)
+        return cosine_logits(self.clip, self.image_features_of(batch), text_features)
 
     def knowledge_gap(self, text_features: torch.Tensor) -> torch.Tensor:
         """``1 - mean_c cos(t_c, t_c^clip)`` for learned text features ``[C, D]``."""
