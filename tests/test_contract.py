@@ -7,7 +7,7 @@ official prompt depths fit, small unequal widths, so hard-coded dimensions fail)
 
 import pytest
 
-from promptclip.methods import list_methods
+from promptclip.methods import get_method_class, list_methods
 from promptclip.methods.registry import load_builtin_methods
 from promptclip.testing import CHECKS, check_method, contract_backbone
 
@@ -28,3 +28,9 @@ def test_registry_has_the_methods_we_exist_for():
 @pytest.mark.parametrize("name", METHODS)
 def test_method_keeps_the_contract(name, check, backbone):
     check_method(name, checks=[check], backbone=backbone)
+
+
+def test_the_builtin_frozen_image_methods():
+    frozen = {n for n in METHODS if get_method_class(n).frozen_image_features}
+    assert {"zeroshot", "coop", "cocoop", "kgcoop"} <= frozen
+    assert not frozen & {"vpt", "ivlp", "maple", "promptsrc", "dcp", "mugcp"}  # prompts enter their image towers

@@ -38,6 +38,12 @@ The checks:
     checkpointing; under ``always`` the trainable text passes really run in chunks and again in the backward
     (:mod:`promptclip.memory`; encode learned text prompts with
     :func:`promptclip.methods.prompts.encode_text_embeddings`), unless ``follows_text_memory`` is False.
+``eval_image_passes``
+    evaluation runs the image tower once per image: nothing only training needs (a frozen teacher pass, a second
+    image pass) runs at evaluation.
+``frozen_image_features``
+    a method declaring ``frozen_image_features`` gives the same logits from precomputed ``image_features`` in the
+    batch (the evaluation feature cache) as from the images, without running the image tower.
 """
 
 from __future__ import annotations
@@ -333,6 +339,51 @@ def check_text_memory(subject: Subject) -> None:
         _fail("under text memory 'always' the text tower was not run again in the backward (not checkpointed)")
 
 
+def _count_image_passes(backbone: CLIP, counts: list[int]):
+    """A pre-hook on the image tower's first block adding the batch size of every pass to ``counts``."""
+    return backbone.visual.blocks[0].register_forward_pre_hook(lambda _module, args: counts.append(args[0].shape[0]))
+
+
+def check_eval_image_passes(subject: Subject) -> None:
+    method = subject.build()
+    method.eval()
+    counts: list[int] = []
+    handle = _count_image_passes(subject.backbone, counts)
+    try:
+        with torch.no_grad():
+            for seed in (0, 1):
+                method(subject.batch(3, seed))
+    finally:
+        handle.remove()
+    if sum(counts) != 6:
+        _fail(f"evaluating 2 batches of 3 images ran the image tower on {sum(counts)} images: evaluation must not "
+              "compute what only training needs (a frozen teacher, a second image pass)")
+
+
+def check_frozen_image_features(subject: Subject) -> None:
+    method = subject.build()
+    if not getattr(method, "frozen_image_features", False):
+        return
+    _perturb(method)
+    batch = subject.batch()
+    from_images = _eval_logits(method, batch)
+    with torch.no_grad():
+        features = subject.backbone.encode_image(batch["image"])
+    counts: list[int] = []
+    handle = _count_image_passes(subject.backbone, counts)
+    try:
+        precomputed = {k: v for k, v in batch.items() if k != "image"} | {"image_features": features}
+        from_features = _eval_logits(method, precomputed)
+    finally:
+        handle.remove()
+    if not torch.equal(from_features, from_images):
+        _fail("the method declares frozen_image_features but its logits from precomputed batch['image_features'] "
+              "differ from those from the images (read them with image_features_of(batch))")
+    if counts:
+        _fail("the method declares frozen_image_features but ran the image tower although the batch holds "
+              "image_features")
+
+
 #: Every check by name, in the order they run.
 CHECKS: dict[str, Callable[[Subject], None]] = {
     "logits": check_logits,
@@ -343,6 +394,8 @@ CHECKS: dict[str, Callable[[Subject], None]] = {
     "determinism": check_determinism,
     "batch_independence": check_batch_independence,
     "text_memory": check_text_memory,
+    "eval_image_passes": check_eval_image_passes,
+    "frozen_image_features": check_frozen_image_features,
 }
 
 

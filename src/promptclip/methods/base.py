@@ -5,7 +5,9 @@ and shared. The trainable state is whatever has ``requires_grad`` — never sele
 adapter file holds exactly those tensors.
 
 Batches are dicts: ``image`` ``[B, 3, H, W]``, ``label`` ``[B]`` (training), plus per-sample extras such as
-``caption``.
+``caption``. Methods whose image features come from the frozen image tower unchanged (``frozen_image_features``)
+may get ``image_features`` ``[B, D]`` instead of ``image`` at evaluation: the output of ``clip.encode_image`` for
+those images, read from the feature cache (:mod:`promptclip.features`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class PromptMethod(nn.Module):
     ``super().__init__``) and finish it with ``self.set_classnames(classnames)``; they implement ``forward``.
     They override ``loss`` when the objective is not plain cross-entropy, ``rebuild_class_buffers`` when they
     hold class-dependent buffers, and ``encode_classes`` when their text features do not depend on the image
-    (then eval caches them).
+    (then eval caches them). A method whose image path is the plain frozen tower sets ``frozen_image_features``
+    and gets its image features through :meth:`image_features_of`.
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +65,9 @@ class PromptMethod(nn.Module):
     #: Whether its learned text passes follow the text-memory policy (chunks, checkpoints: promptclip.memory), as
     #: :func:`promptclip.methods.prompts.encode_text_embeddings` does; the contract checks it unless False.
     follows_text_memory: ClassVar[bool] = True
+    #: Image features are ``clip.encode_image(image)``, untouched by learned tensors: eval may pass them precomputed
+    #: (``batch["image_features"]``) from the feature cache, so each test image is encoded once per backbone.
+    frozen_image_features: ClassVar[bool] = False
     #: Trainer class names of the reference implementations this method reproduces (parity goldens).
     reference_trainers: ClassVar[tuple[str, ...]] = ()
     #: Presets shipped with the method (plugins; the built-in presets are YAML files in promptclip/presets/): preset
@@ -130,6 +136,16 @@ class PromptMethod(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    def image_features_of(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The frozen tower's features ``[B, D]`` of the batch's images: ``batch["image_features"]`` when the
+        batch carries them precomputed, else ``clip.encode_image(batch["image"])`` (methods with
+        ``frozen_image_features`` only)."""
+        if not self.frozen_image_features:
+            raise TypeError(f"{self.name} does not declare frozen_image_features; its image path is its own")
+        if "image_features" in batch:
+            return batch["image_features"]
+        return self.clip.encode_image(batch["image"])
 
     def encode_classes(self) -> torch.Tensor:
         """Text features ``[C, D]`` of the current classes (image-independent methods only)."""

@@ -65,6 +65,8 @@ class CoCoOp(PromptMethod):
     name = "cocoop"
     config_class = CoCoOpConfig
     image_independent_text = False
+    #: The Meta-Net conditions the text on the frozen tower's features; the image features themselves are frozen.
+    frozen_image_features = True
     reference_trainers = ("CoCoOp",)
 
     def __init__(self, backbone, config: CoCoOpConfig, classnames, template=None):
@@ -118,7 +120,7 @@ class CoCoOp(PromptMethod):
         return feats.view(batch, num_classes, -1)
 
     def forward(self, batch) -> torch.Tensor:
-        image_features = self.clip.encode_image(batch["image"])
+        image_features = self.image_features_of(batch)
         ctx = self.ctx.unsqueeze(0) + self.image_bias(image_features).unsqueeze(1)  # [B, n_ctx, W]
         return cosine_logits(self.clip, image_features, self.instance_text_features(ctx))
 

@@ -78,6 +78,7 @@ class CoOp(PromptMethod):
     name = "coop"
     config_class = CoOpConfig
     image_independent_text = True
+    frozen_image_features = True
     reference_trainers = ("CoOp",)
 
     def __init__(self, backbone, config: CoOpConfig, classnames, template=None):
@@ -124,7 +125,7 @@ class CoOp(PromptMethod):
                                       chunk_size=self.config.text_chunk_size)
 
     def forward(self, batch) -> torch.Tensor:
-        return cosine_logits(self.clip, self.clip.encode_image(batch["image"]), self.class_features())
+        return cosine_logits(self.clip, self.image_features_of(batch), self.class_features())
 
     @classmethod
     def config_from_reference(cls, trainer) -> CoOpConfig:

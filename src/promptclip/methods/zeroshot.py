@@ -36,6 +36,7 @@ class ZeroShotCLIP(PromptMethod):
     name = "zeroshot"
     config_class = ZeroShotConfig
     image_independent_text = True
+    frozen_image_features = True
 
     def __init__(self, backbone, config: ZeroShotConfig, classnames, template=None):
         super().__init__(backbone, config, classnames, template)
@@ -69,4 +70,4 @@ class ZeroShotCLIP(PromptMethod):
         return template_features(self.clip, templates, self.classnames, normalize_each=True)
 
     def forward(self, batch) -> torch.Tensor:
-        return cosine_logits(self.clip, self.clip.encode_image(batch["image"]), self.class_features())
+        return cosine_logits(self.clip, self.image_features_of(batch), self.class_features())
