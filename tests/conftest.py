@@ -27,3 +27,10 @@ def isolated_registry():
     base._REGISTRY.update(registry)
     plugins._SOURCES.clear()
     plugins._SOURCES.update(sources)
+
+
+@pytest.fixture(autouse=True)
+def isolated_promptclip_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own promptclip cache directory (weights, frozen image features): nothing is read from or
+    written to the user's ~/.cache, and no test sees another test's cached features."""
+    monkeypatch.setenv("PROMPTCLIP_CACHE", str(tmp_path_factory.mktemp("promptclip-cache")))

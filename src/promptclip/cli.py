@@ -122,7 +122,22 @@ def _options(args):
 
     return RunOptions(root=getattr(args, "root", None), device=args.device, progress=not args.quiet,
                       precision=getattr(args, "precision", None), log=_say, extras=caption_extras(args),
-                      trackers=tuple(getattr(args, "log_to", None) or ()))
+                      trackers=tuple(getattr(args, "log_to", None) or ()),
+                      feature_cache=_feature_cache(getattr(args, "feature_cache", None)))
+
+
+def _feature_cache(value: str | None):
+    from .features import FeatureCache
+
+    if value == "off":
+        return None
+    return FeatureCache(Path(value)) if value else FeatureCache.default()
+
+
+def _add_feature_cache_option(p) -> None:
+    p.add_argument("--feature-cache", metavar="DIR|off",
+                   help="frozen image features of test images, reused across methods, seeds and commands (default "
+                        "<PROMPTCLIP_CACHE or ~/.cache/promptclip>/features); off: encode every time")
 
 
 def _method_map(items: list[str] | None, option: str = "--preset",
@@ -283,10 +298,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import make_loader, protocol_splits
-    from .evaluate import evaluate
+    from .data import protocol_splits
     from .methods import create_method
-    from .protocols import _dataset, load_trained
+    from .protocols import _dataset, evaluate_dataset, load_trained
 
     if not args.adapter and not args.method:
         raise ConfigError("eval needs --adapter PATH (a trained run) or --method zeroshot")
@@ -309,9 +323,10 @@ def cmd_eval(args) -> int:
 
     check_captions(args, method.name, method.config,
                    split_groups(args, args.dataset, "test", args.shots, args.seed, args.subsample))
-    data = _dataset(splits.test, backbone, train=False, seed=args.seed, options=_options(args))
-    result = evaluate(method, make_loader(data, batch_size=args.batch_size, shuffle=False, seed=args.seed),
-                      device=args.device, precision=args.precision or "auto", progress=not args.quiet)
+    options = _options(args)
+    data = _dataset(splits.test, backbone, train=False, seed=args.seed, options=options)
+    result = evaluate_dataset(method, data, backbone, options, args.batch_size, args.seed, args.precision or "auto",
+                              f"eval {splits.name}")
     summary = {"dataset": splits.name, "subsample": args.subsample, "method": method.name, **result.summary()}
     _say(json.dumps(summary, indent=2))
     if backbone.random_weights:
@@ -623,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(p, "default: the adapter's backbone")
     p.add_argument("--batch-size", type=int_at_least(1), default=100)
     add_captions_option(p)
+    _add_feature_cache_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = add("run", "run a protocol grid (methods x datasets x seeds x shots), resumable, then write the report")
@@ -643,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     add_captions_option(p)
+    _add_feature_cache_option(p)
     cluster = p.add_argument_group("cluster (submitit; pip install \"promptclip[slurm]\")")
     cluster.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
                          help="local: in this process (default); slurm: one SLURM job per grid cell; submitit-local: "
@@ -692,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", type=output_location(), default="promptclip-demo")
     p.add_argument("--no-plots", action="store_true")
+    _add_feature_cache_option(p)
     p.set_defaults(func=cmd_demo)
     add_captions_parser(sub)
     from .reference.cli import add_parser as add_import_parser

@@ -39,6 +39,7 @@ from .checkpoint import atomic_write_text, load_adapter
 from .config import to_dict
 from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
+from .features import FeatureCache, frozen_features
 from .jsonl import cut_torn_tail, write_json_lines
 from .presets import Preset, apply_overrides, default_preset, load_preset
 from .train import ADAPTER_STEM, TrainConfig, fit, train_identity
@@ -110,6 +111,8 @@ class RunOptions:
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     #: Where training metrics go besides ``<run dir>/metrics.jsonl``: ``tensorboard``, ``wandb`` (promptclip.tracking).
     trackers: tuple[str, ...] = ()
+    #: Frozen image features of evaluation images (methods with ``frozen_image_features``); None: off.
+    feature_cache: FeatureCache | None = field(default_factory=FeatureCache.default)
 
 
 @dataclass
@@ -437,20 +440,44 @@ def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOp
 
 
 def _evaluate(method, splits, backbone: Backbone, cell: Cell, options: RunOptions) -> EvalResult:
-    from .data import make_loader
-
     data = _dataset(splits.test, backbone, train=False, seed=cell.seed, options=options)
     precision = options.precision or (cell.preset.train.precision if cell.preset.train else "auto")
+    return evaluate_dataset(method, data, backbone, options, cell.preset.eval.batch_size, cell.seed, precision,
+                            f"eval {splits.name}")
+
+
+def evaluate_dataset(method, data, backbone: Backbone, options: RunOptions, batch_size: int, seed: int,
+                     precision: str, desc: str = "eval") -> EvalResult:
+    """Evaluate ``method`` on an image dataset: data-parallel under torchrun, with the frozen image features of
+    ``options.feature_cache`` for methods that declare ``frozen_image_features``."""
+    from .data import make_loader
+
     if distributed.current() is not None:
-        return _evaluate_sharded(method, data, cell.preset.eval.batch_size, cell.seed, options, precision,
-                                 f"eval {splits.name}")
-    loader = make_loader(data, batch_size=cell.preset.eval.batch_size, shuffle=False, seed=cell.seed)
+        return _evaluate_sharded(method, data, backbone, batch_size, seed, options, precision, desc)
+    data = _with_cached_features(method, data, range(len(data)), backbone, options, batch_size, precision, desc)
+    loader = make_loader(data, batch_size=batch_size, shuffle=False, seed=seed)
     return evaluate(method, loader, device=options.device, precision=precision, progress=options.progress,
-                    desc=f"eval {splits.name}")
+                    desc=desc)
 
 
-def _evaluate_sharded(method, data, batch_size: int, seed: int, options: RunOptions, precision: str,
-                      desc: str) -> EvalResult:
+def _with_cached_features(method, data, indices, backbone: Backbone, options: RunOptions, batch_size: int,
+                          precision: str, desc: str):
+    """``data`` with ``image_features`` from the cache in place of images (items ``indices``), where that applies."""
+    if options.feature_cache is None or not method.frozen_image_features:
+        return data
+    cached = frozen_features(method.clip, data, options.feature_cache, backbone.fingerprint, batch_size=batch_size,
+                             device=options.device, precision=precision, indices=indices, progress=options.progress,
+                             desc=f"encode {desc.removeprefix('eval ')}")
+    if cached is None:
+        options.log(f"{desc}: image features not cached (the dataset's transform is not a dataclass)")
+        return data
+    data, stats = cached
+    options.log(f"{desc}: image features {stats} ({options.feature_cache.root})")
+    return data
+
+
+def _evaluate_sharded(method, data, backbone: Backbone, batch_size: int, seed: int, options: RunOptions,
+                      precision: str, desc: str) -> EvalResult:
     """Data-parallel evaluation: whole batches of the single-process order round-robin over the ranks (so every
     batch holds the same images as in one process), predictions gathered on every rank."""
     from torch.utils.data import Subset
@@ -460,6 +487,7 @@ def _evaluate_sharded(method, data, batch_size: int, seed: int, options: RunOpti
 
     ctx = distributed.current()
     mine = distributed.batch_shard(len(data), batch_size, ctx.rank, ctx.world_size)
+    data = _with_cached_features(method, data, mine, backbone, options, batch_size, precision, desc)
     loader = make_loader(Subset(data, mine), batch_size=batch_size, shuffle=False, seed=seed)
     logits, labels = predict_logits(method, loader, device=options.device, precision=precision,
                                     progress=options.progress and ctx.is_main, desc=desc)
@@ -521,4 +549,5 @@ def load_trained(adapter: str | Path, backbone: Backbone, classnames: list[str] 
 
 
 __all__ = ["PROTOCOLS", "Backbone", "Cell", "RunOptions", "GridResult", "TrainConfig", "make_cells", "run_grid",
-           "run_one", "run_cell", "run_protocol", "append_records", "append_records_once", "load_trained"]
+           "run_one", "run_cell", "run_protocol", "evaluate_dataset", "append_records", "append_records_once",
+           "load_trained"]

@@ -116,6 +116,14 @@ class ImageDataset(Dataset):
             raise DataError(f"extra {key!r} has no entry for image {rec.relpath!r} ({rec.path})")
         return values[index]
 
+    def fields(self, index: int) -> dict[str, Any]:
+        """Every entry of item ``index`` except the image (which needs decoding): label, index, path, extras."""
+        rec = self.records[index]
+        item = {"label": rec.label, "index": index, "path": rec.path}
+        for key in self.extras:
+            item[key] = self._extra(key, index, rec)
+        return item
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
         try:
@@ -124,15 +132,7 @@ class ImageDataset(Dataset):
             if self.on_error == "raise":
                 raise
             return {_SKIPPED_KEY: SkippedSample(index, rec.path, str(e)), "index": index}
-        item = {
-            "image": self.transform(image, generator=self.generator_for(index)),
-            "label": rec.label,
-            "index": index,
-            "path": rec.path,
-        }
-        for key in self.extras:
-            item[key] = self._extra(key, index, rec)
-        return item
+        return {"image": self.transform(image, generator=self.generator_for(index)), **self.fields(index)}
 
 
 class TensorDataset(Dataset):
