@@ -105,7 +105,9 @@ def test_chunked_checkpointed_text_encoding_is_exact(name, tiny):
     assert set(chunked[2]) == set(grads) and grads
     for key, grad in grads.items():
         assert grad.norm() > 0, key
-        assert rel(chunked[2][key], grad) <= 1e-5, key
+        # A shared context's gradient sums B x C sequences with cancellation: fp32 summation-order noise alone
+        # reaches 1e-5 of its norm (2e-6 .. 1e-5 over backbone seeds, with either CPU matmul kernel).
+        assert rel(chunked[2][key], grad) <= 3e-5, key
     # It really ran in chunks, re-ran each chunk in the backward, and kept far fewer activations.
     assert plain[3] == plain[4] == 1
     assert chunked[3] >= 3 and chunked[4] == 2 * chunked[3]
