@@ -66,6 +66,18 @@ def test_falls_back_to_f_linear_bitwise(case):
     assert ours.grad_fn is None or "OneDNN" not in type(ours.grad_fn).__name__
 
 
+@needs_onednn
+def test_without_autograd_trainable_weights_take_the_same_kernel_as_frozen_ones():
+    """Under no_grad nothing gets a gradient: a model gives the same values whether its weights are frozen."""
+    x, weight, bias = operands()
+    with cpu_linear("onednn"), torch.no_grad():
+        frozen = frozen_linear(x, weight, bias)
+        trainable = frozen_linear(x, weight.clone().requires_grad_(True), bias.clone().requires_grad_(True))
+    assert torch.equal(frozen, trainable)
+    with cpu_linear("onednn"):
+        assert torch.equal(frozen_linear(x, weight, bias), frozen)  # the kernel does not depend on the grad mode
+
+
 def test_auto_picks_onednn_on_amd_only(monkeypatch):
     monkeypatch.setattr(kernels, "onednn_available", lambda: True)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")

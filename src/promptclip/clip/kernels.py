@@ -11,9 +11,10 @@ The backends (:func:`cpu_linear` selects one for the current thread or asyncio t
     ``onednn`` on AMD x86 CPUs, where it was measured faster; ``blas`` elsewhere (on Intel CPUs MKL's sgemm runs
     its optimised path; not measured here, so nothing changes there).
 ``onednn``
-    oneDNN's matmul for fp32 products whose weight and bias are frozen (no ``requires_grad``); the input may
-    require a gradient, whose backward (``grad @ weight``) also runs in oneDNN. Any other case (trainable weights,
-    autocast, another dtype or device) falls back to ``F.linear``.
+    oneDNN's matmul for fp32 products whose weight and bias get no gradient (frozen, or under ``torch.no_grad``);
+    the input may require a gradient, whose backward (``grad @ weight``) also runs in oneDNN. Any other case
+    (weights being trained, autocast, another dtype or device) falls back to ``F.linear``. So a model gives the same
+    values under ``no_grad`` whether or not its weights have ``requires_grad`` set.
 ``blas``
     always ``F.linear`` (PyTorch's own choice).
 
@@ -88,8 +89,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, by the backend in effect where it applies (see the module docstring)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not weight.requires_grad and (bias is None or not bias.requires_grad)
+    trained = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not trained
             and not torch.is_autocast_enabled("cpu") and resolved_backend() == "onednn"):
         return _OneDNNLinear.apply(x.contiguous(), weight, bias)
     return F.linear(x, weight, bias)
