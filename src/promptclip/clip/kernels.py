@@ -11,10 +11,13 @@ The backends (:func:`cpu_linear` selects one for the current thread or asyncio t
     ``onednn`` on AMD x86 CPUs, where it was measured faster; ``blas`` elsewhere (on Intel CPUs MKL's sgemm runs
     its optimised path; not measured here, so nothing changes there).
 ``onednn``
-    oneDNN's matmul for fp32 products whose weight and bias get no gradient (frozen, or under ``torch.no_grad``);
-    the input may require a gradient, whose backward (``grad @ weight``) also runs in oneDNN. Any other case
-    (weights being trained, autocast, another dtype or device) falls back to ``F.linear``. So a model gives the same
-    values under ``no_grad`` whether or not its weights have ``requires_grad`` set.
+    oneDNN's matmul for fp32 products that nothing is differentiated through: weight, bias and input get no gradient
+    (frozen towers in evaluation, CoOp-style training's image tower, teachers). A product with a gradient flowing
+    through it (deep prompts, learned text context, weights being trained), autocast, another dtype or device falls
+    back to ``F.linear``: training gradients are computed exactly as PyTorch computes them, which keeps the
+    whole-run trajectory parity (tests/test_trajectory.py) within its bars; oneDNN's summation order in the backward
+    moved the smallest first-epoch updates past them. A model gives the same values under ``no_grad`` whether or not
+    its weights have ``requires_grad`` set.
 ``blas``
     always ``F.linear`` (PyTorch's own choice).
 
@@ -70,27 +73,12 @@ def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``x @ weight.T + bias`` with frozen weight and bias; the backward gives the input's gradient only."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        out = _onednn(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        grad_in = _onednn(grad.reshape(-1, grad.shape[-1]), weight.t(), None)
-        return grad_in.view(*grad.shape[:-1], weight.shape[1]), None, None
-
-
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, by the backend in effect where it applies (see the module docstring)."""
-    trained = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not trained
+    differentiated = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not differentiated
             and not torch.is_autocast_enabled("cpu") and resolved_backend() == "onednn"):
-        return _OneDNNLinear.apply(x.contiguous(), weight, bias)
+        out = _onednn(x.contiguous().reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
