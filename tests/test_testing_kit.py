@@ -107,6 +107,19 @@ class BatchDependent(Shift):
         return features - features.mean(dim=0, keepdim=True)
 
 
+class TeacherAtEval(Shift):
+    name = "kit_teacher_at_eval"
+
+    def forward(self, batch):
+        self.clip.encode_image(batch["image"])  # the deliberate bug: a training-only teacher pass at evaluation
+        return super().forward(batch)
+
+
+class IgnoresPrecomputedFeatures(Shift):
+    name = "kit_ignores_precomputed"
+    frozen_image_features = True  # declared, but its image path reads batch["image"], never image_features_of(batch)
+
+
 class LosesAdapterState(Shift):
     name = "kit_loses_adapter"
 
@@ -178,6 +191,8 @@ def test_sound_methods_pass_every_check(cls, backbone, isolated_registry):
     (Unseeded, {"determinism"}),
     (BatchDependent, {"batch_independence"}),
     (LosesAdapterState, {"adapter_round_trip"}),
+    (TeacherAtEval, {"eval_image_passes"}),
+    (IgnoresPrecomputedFeatures, {"frozen_image_features"}),
     (BypassesTextMemory, {"text_memory"}),
 ])
 def test_each_broken_plugin_fails_the_checks_it_breaks(cls, expected, isolated_registry):
@@ -193,4 +208,5 @@ def test_the_message_says_what_is_wrong(backbone, isolated_registry):
     with pytest.raises(ValueError, match="unknown contract check"):
         check_method(Shift, checks=["gradient"], backbone=backbone)
     assert list(CHECKS) == ["logits", "gradients", "frozen_backbone", "adapter_round_trip", "class_names",
-                            "determinism", "batch_independence", "text_memory"]
+                            "determinism", "batch_independence", "text_memory", "eval_image_passes",
+                            "frozen_image_features"]
