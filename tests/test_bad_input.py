@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from promptclip.cli import main
+from promptclip.clip.weights import load_model
 from promptclip.data import load_splits
 from promptclip.device import check_device
 from promptclip.errors import ConfigError
@@ -117,6 +118,13 @@ CASES: dict[str, Case] = {
     "--backbone unknown name": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "ViT-B/17"], ["'ViT-B/17'"]),
     "--backbone not weights": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<file>"],
                                    ["<file>", "not a format promptclip can read"]),
+    "--backbone-arch on a test backbone": Case([*PREDICT, "--classnames", "a,b", "--backbone-arch", "ViT-B-16"],
+                                               ["tiny is a test backbone", "--backbone-arch"]),
+    "--backbone-arch unknown": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<weights>",
+                                     "--backbone-arch", "ViT-B-61"],
+                                    ["architecture 'ViT-B-61'", "neither a known architecture name nor an existing"]),
+    "--feature-cache is a file": Case([*EVAL, "--dataset", "eurosat-sample", "--feature-cache", "<file>"],
+                                      ["argument --feature-cache", "<file> is an existing file, not a directory"]),
     "--dataset folder missing": Case([*EVAL, "--dataset", "folder:<inputs>/none"], ["<inputs>/none", "not found"]),
     "--dataset unknown": Case([*EVAL, "--dataset", "eurosatt"], ["unknown dataset 'eurosatt'"]),
     "benchmark without --root": Case([*EVAL, "--dataset", "dtd"], ["'dtd' needs a data root"]),
@@ -292,6 +300,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
              "range_order": root / "range_order.json"}
+    # A plain state dict of the tiny architecture (as open_clip or a fine-tuning script saves one).
+    torch.save(load_model("tiny").state_dict(), root / "weights.pt")
+    paths["weights"] = root / "weights.pt"
     # A trained adapter (one epoch on 10 images), and damaged copies of it.
     adapter = root / "adapter"
     assert main(["train", "--method", "coop", "--dataset", f"folder:{root / 'two_class'}", "--shots", "1", "--set",

@@ -126,7 +126,7 @@ def _options(args):
                       feature_cache=_feature_cache(getattr(args, "feature_cache", None)))
 
 
-def _feature_cache(value: str | None):
+def _feature_cache(value: Path | str | None):
     from .features import FeatureCache
 
     if value == "off":
@@ -134,8 +134,16 @@ def _feature_cache(value: str | None):
     return FeatureCache(Path(value)) if value else FeatureCache.default()
 
 
+def _feature_cache_location(text: str) -> Path | str:
+    """``off``, or a directory the cache can be created in (checked before any work)."""
+    return "off" if text == "off" else output_location(directory=True)(text)
+
+
+_feature_cache_location.__name__ = "feature cache directory"
+
+
 def _add_feature_cache_option(p) -> None:
-    p.add_argument("--feature-cache", metavar="DIR|off",
+    p.add_argument("--feature-cache", metavar="DIR|off", type=_feature_cache_location,
                    help="frozen image features of test images, reused across methods, seeds and commands (default "
                         "<PROMPTCLIP_CACHE or ~/.cache/promptclip>/features); off: encode every time")
 

@@ -824,7 +824,8 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device = 
     kind, where = resolve(name_or_path, cache_dir=cache_dir, progress=progress)
     if kind == "random":
         if arch is not None:
-            raise WeightsError(f"{name_or_path} is a test backbone with its own architecture; arch does not apply.")
+            raise WeightsError(f"{name_or_path} is a test backbone with its own architecture; an architecture "
+                               "(--backbone-arch, arch=) applies only to weights files")
         config = ARCHITECTURES[where]
         if quick_gelu is not None and quick_gelu != config.quick_gelu:
             config = dataclasses.replace(config, quick_gelu=quick_gelu)
