@@ -39,6 +39,8 @@ class ClipAdapter(PromptMethod):
     config_class = ClipAdapterConfig
     # The class features do not depend on the image: evaluation computes them once per class set.
     image_independent_text = True
+    # The image path starts from the frozen tower's features: evaluation may read them from the feature cache.
+    frozen_image_features = True
     # The default recipe for every protocol: promptclip's SGD engine with a cosine schedule, our choice for this
     # example (the paper trains its adapter with its own optimiser and schedule).
     presets = {
@@ -69,7 +71,7 @@ class ClipAdapter(PromptMethod):
         return self.text_features
 
     def forward(self, batch) -> torch.Tensor:
-        features = self.clip.encode_image(batch["image"])
+        features = self.image_features_of(batch)
         adapted = torch.relu(torch.relu(features @ self.down.t()) @ self.up.t())
         mixed = self.config.ratio * adapted + (1 - self.config.ratio) * features
         return cosine_logits(self.clip, mixed, self.class_features())
