@@ -8,8 +8,8 @@ already, so only fp32 changes.
 The backends (:func:`cpu_linear` selects one for the current thread or asyncio task, like ``torch.no_grad``):
 
 ``auto`` (default)
-    ``onednn`` on AMD x86 CPUs, where it was measured faster; ``blas`` elsewhere (on Intel CPUs MKL's sgemm runs
-    its optimised path; not measured here, so nothing changes there).
+    ``onednn`` on AMD x86 CPUs, where it was measured faster; ``blas`` elsewhere: on an Intel Xeon with AMX MKL's
+    sgemm runs its optimised path and was measured faster than oneDNN (371 vs 337 GFLOP/s, docs/performance.md).
 ``onednn``
     oneDNN's matmul for fp32 products that nothing is differentiated through: weight, bias and input get no gradient
     (frozen towers in evaluation, CoOp-style training's image tower, teachers). A product with a gradient flowing
