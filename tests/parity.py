@@ -237,19 +237,33 @@ def stored_part(value: torch.Tensor, entry: dict) -> torch.Tensor:
     return value if entry["stored"] else value.reshape(entry["shape"][0], -1)[:4]
 
 
-def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torch.Tensor) -> tuple[float, float, float]:
-    """(max abs error, its ratio to the value bar 1e-4 * max|golden|, its ratio to the movement bar
-    2e-3 * max|golden - init|) — both ratios must be <= 1 (TRAJECTORY_README.md). A parameter that did not move
-    has a movement bar of 0, so it must then be bit-identical."""
+def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torch.Tensor, steps: int
+                            ) -> tuple[float, float, float]:
+    """(max abs error, its ratio to the value bar 1e-4 * max|golden|, the largest ratio of an element's error to its
+    movement bar) — both ratios must be <= 1 (TRAJECTORY_README.md). The movement bar is 2e-3 * max|golden - init|,
+    but never less than ``steps`` float32 ulps of the element's golden value: ``steps`` optimizer steps (each rounds
+    every element to float32 once) may each flip a rounding when the update differs in its last bits, and in a
+    warm-up epoch (LR 1e-5) 2e-3 of the movement can be less than one ulp of the value (docs/parity.md). With
+    ``steps`` 0 and no movement the parameter must be bit-identical."""
     ours, golden, init = ours.detach().double(), golden.double(), init.double()
-    err = (ours - golden).abs().max().item()
+    diff = (ours - golden).abs()
+    err = diff.max().item()
     value_bar = 1e-4 * golden.abs().max().item()
-    move_bar = 2e-3 * (golden - init).abs().max().item()
+    magnitude = golden.float().abs()
+    ulp = (torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude).double()
+    move_bar = torch.clamp(steps * ulp, min=2e-3 * (golden - init).abs().max().item())
 
     def ratio(bar: float) -> float:
         return err / bar if bar > 0 else (0.0 if err == 0 else float("inf"))
 
-    return err, ratio(value_bar), ratio(move_bar)
+    move_ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / move_bar).max().item()
+    return err, ratio(value_bar), move_ratio
+
+
+def steps_until(replay: Replay, epoch: int | None = None) -> int:
+    """Optimizer steps of the golden run up to the end of ``epoch`` (None: the whole run)."""
+    steps = replay.trajectory["steps"]
+    return len(steps) if epoch is None else sum(1 for step in steps if step["epoch"] <= epoch)
 
 
 def logits_error(ours: torch.Tensor, golden: torch.Tensor) -> float:
@@ -274,18 +288,19 @@ def trajectory_errors(replay: Replay) -> dict[str, float]:
         for key, value in ({"loss": ref["loss"]} | ref.get("terms", {})).items():
             errors["loss"] = max(errors["loss"], scalar_error(terms[key], value))
 
-    def params_error(entries, ours_by_name) -> float:
+    def params_error(entries, ours_by_name, steps: int) -> float:
         worst = 0.0
         for entry in entries:
             init = stored_part(replay.init_params[entry["name"]], entry)
             _, value_ratio, move_ratio = trajectory_param_errors(stored_part(ours_by_name[entry["name"]], entry),
-                                                                 replay.golden.tensors[entry["key"]], init)
+                                                                 replay.golden.tensors[entry["key"]], init, steps)
             worst = max(worst, value_ratio, move_ratio)
         return worst
 
-    errors["epoch_params"] = max(params_error(entries, ours) for ours, entries in
-                                 zip(replay.epoch_params, replay.trajectory["epoch_end_params"], strict=True))
-    errors["final_params"] = params_error(replay.trajectory["final_params"], replay.final_params)
+    errors["epoch_params"] = max(params_error(entries, ours, steps_until(replay, e)) for e, (ours, entries) in
+                                 enumerate(zip(replay.epoch_params, replay.trajectory["epoch_end_params"],
+                                               strict=True)))
+    errors["final_params"] = params_error(replay.trajectory["final_params"], replay.final_params, steps_until(replay))
     errors["logits_init"] = logits_error(replay.logits_init, replay.golden.tensors["eval.logits_init"])
     errors["logits"] = logits_error(replay.logits, replay.golden.tensors["eval.logits"])
     errors["frozen"] = max([(replay.final_params[n].double() - replay.init_params[n].double()).abs().max().item()

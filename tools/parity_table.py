@@ -66,7 +66,8 @@ def trajectory_table() -> None:
         moved = f"{errors['frozen']:.1g} ({frozen} tensors)" if frozen else "—"
         print(f"| {name} | {method_for(replay.golden)} | {len(replay.steps)} | {cells} | {moved} |")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; each column is the worst error as a "
-          "multiple of its bar in tests/golden/TRAJECTORY_README.md (<= 1 passes)")
+          "multiple of its bar in tests/golden/TRAJECTORY_README.md (<= 1 passes; parameter movement bars never below "
+          "one float32 ulp of the value per optimizer step, docs/parity.md)")
 
 
 def main() -> None:
