@@ -13,29 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 from promptclip.clip.architectures import build_random
 from promptclip.clip.tokenizer import tokenize
 from promptclip.precision import autocast, cpu_description
+from timing import median_time  # bench/timing.py
 
 PROMPTS = [f"a photo of a {name}, a type of object number {i}." for i, name in
            enumerate(["cat", "dog", "annual crop land", "sea or lake", "herbaceous vegetation land"] * 20)]
 
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_model(name: str, image_batch: int, repeats: int) -> dict:
@@ -48,9 +38,9 @@ def bench_model(name: str, image_batch: int, repeats: int) -> dict:
     with torch.no_grad():
         for precision in ("fp32", "bf16"):
             with autocast(precision, "cpu"):
-                t_img = timed(lambda: model.encode_image(images), repeats)
-                t_cut = timed(lambda: model.encode_text(tokens, truncate=True), repeats)
-                t_full = timed(lambda: model.encode_text(tokens, truncate=False), repeats)
+                t_img = median_time(lambda: model.encode_image(images), repeats)
+                t_cut = median_time(lambda: model.encode_text(tokens, truncate=True), repeats)
+                t_full = median_time(lambda: model.encode_text(tokens, truncate=False), repeats)
             row[f"{precision}_images_per_s"] = round(image_batch / t_img, 2)
             row[f"{precision}_text_eot_prompts_per_s"] = round(len(PROMPTS) / t_cut, 1)
             row[f"{precision}_text_77_prompts_per_s"] = round(len(PROMPTS) / t_full, 1)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -27,6 +25,7 @@ from promptclip.clip.architectures import ARCHITECTURES
 from promptclip.clip.model import CLIP
 from promptclip.methods import create_method
 from promptclip.precision import autocast, cpu_description
+from timing import median_time  # bench/timing.py
 
 VARIANTS = {
     "mugcp": ("mugcp", {}),
@@ -41,15 +40,6 @@ CAPTION = "an aerial view of green fields crossed by a straight road, with a few
 def classnames(n: int) -> list[str]:
     return [f"land cover type number {i}" for i in range(n)]
 
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class TextCounter:
@@ -86,7 +76,7 @@ def measure(variant: str, num_classes: int, precision: str, repeats: int, eval_s
     counter.sequences = 0
     step()
     train_sequences = counter.sequences
-    step_s = timed(step, repeats)
+    step_s = median_time(step, repeats)
 
     def evaluate():
         with torch.no_grad(), autocast(precision, "cpu"):
@@ -97,7 +87,7 @@ def measure(variant: str, num_classes: int, precision: str, repeats: int, eval_s
     counter.sequences = 0
     evaluate()
     eval_sequences = counter.sequences
-    eval_s = timed(evaluate, repeats)
+    eval_s = median_time(evaluate, repeats)
     row = {"variant": variant, "classes": num_classes, "precision": precision, "trainable": method.num_trainable(),
            "train_text_sequences": train_sequences, "eval_text_sequences": eval_sequences,
            "train_step_s": round(step_s, 3), "train_ms_per_image": round(1000 * step_s / 4, 1),
@@ -115,12 +105,12 @@ def breakdown(method, batch, precision: str, repeats: int) -> dict:
     with torch.no_grad(), autocast(precision, "cpu"):
         scp, _ = method.semantic_prompts(captions)
         _, refined, vcps = method.encode_image(images, scp)
-        t_scp = timed(lambda: method.semantic_prompts(captions), repeats)
-        t_img = timed(lambda: method.encode_image(images, scp), repeats)
+        t_scp = median_time(lambda: method.semantic_prompts(captions), repeats)
+        t_img = median_time(lambda: method.encode_image(images, scp), repeats)
         if method.instance_text:
-            t_txt = timed(lambda: method.instance_text_features(refined, vcps, size), repeats)
+            t_txt = median_time(lambda: method.instance_text_features(refined, vcps, size), repeats)
         else:
-            t_txt = timed(method.encode_classes, repeats)
+            t_txt = median_time(method.encode_classes, repeats)
     total = t_scp + t_img + t_txt
     return {"share_captions_scp": round(t_scp / total, 3), "share_image_amg": round(t_img / total, 3),
             "share_text": round(t_txt / total, 3)}

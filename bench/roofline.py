@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
-import statistics
 import time
 from collections import defaultdict
 
@@ -39,6 +39,7 @@ from promptclip.clip.architectures import ARCHITECTURES
 from promptclip.clip.kernels import cpu_linear
 from promptclip.clip.model import CLIP, QuickGELU
 from promptclip.precision import autocast, cpu_description
+from timing import median_time  # bench/timing.py
 
 
 def tower_flops(model: CLIP, batch: int) -> tuple[float, float]:
@@ -67,15 +68,6 @@ def counted_forward_flops(model: CLIP, images: torch.Tensor) -> float:
         model.encode_image(images)
     return float(count.get_total_flops())
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_peak(batch_rows: int, width: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -199,7 +191,7 @@ def main() -> None:
     print(f"FLOPs per image: forward {forward_flops / 1e9:.2f} G (flop_counter on reference kernels: "
           f"{counted_forward_flops(model, probe) / 2e9:.2f} G), input-gradient backward {backward_flops / 1e9:.2f} G")
 
-    rows, shares, shares_pending = [], {}, {}
+    rows, shares, shares_pending, compile_errors = [], {}, {}, {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in args.batches:
@@ -209,21 +201,26 @@ def main() -> None:
             first_peaks = matmul_peak(batch * model.visual.num_tokens, model.visual.width, args.repeats)
             timings = []
             for precision in args.precisions:
-                forward, forward_backward = tower_runs(model, images, precision)
-                names = ["before", "after"] + (["after + compile"] if args.compile else [])
-                for name in names:
+                runs = {"before": tower_runs(model, images, precision), "after": tower_runs(model, images, precision)}
+                if args.compile:  # a copy, so that nothing compiled is left in the model the other rows time
+                    compiled = copy.deepcopy(model)
+                    for block in compiled.visual.blocks:
+                        block.compile()
+                    runs["after + compile"] = tower_runs(compiled, images, precision)
+                    with torch.no_grad(), autocast(precision, "cpu"):
+                        eager, fused = model.encode_image(images[:2]), compiled.encode_image(images[:2])
+                    compile_errors[precision] = ((fused.float() - eager.float()).abs().max()
+                                                 / eager.float().abs().max()).item()
+                for name, (forward, forward_backward) in runs.items():
                     with variant("after" if name.startswith("after") else name):
-                        if name == "after + compile":
-                            for block in model.visual.blocks:
-                                block.compile()
                         t_fwd = median_time(forward, args.repeats)
                         t_bwd = median_time(forward_backward, args.repeats)
                         if name == "after" and threads == args.threads[-1] and batch == args.batches[-1]:
                             shares_pending[(precision, name)] = (breakdown(forward), t_fwd, batch)
-                        if name == "after + compile":
-                            for block in model.visual.blocks:
-                                block._compiled_call_impl = None
                     timings.append((precision, name, t_fwd, t_bwd))
+                if args.compile:
+                    del compiled, runs
+                    torch._dynamo.reset()
             # The peak is measured before and after the tower runs and the better one is kept: on a shared machine
             # a single measurement can land in a busy moment.
             last_peaks = matmul_peak(batch * model.visual.num_tokens, model.visual.width, args.repeats)
@@ -251,6 +248,9 @@ def main() -> None:
             base, base_b = by_key[(precision, "before", batch, threads)]
             print(f"{precision} batch {batch}, {threads} thread(s): {name} / before = {ips / base:.2f}x forward, "
                   f"{ips_b / base_b:.2f}x forward + input gradient")
+    for precision, error in compile_errors.items():
+        print(f"{precision}: torch.compile'd tower vs eager, max |difference| / max |feature| = {error:.2e} "
+              "(the last batch size)")
     for precision, (family_shares, t_fwd, batch, peak) in shares.items():
         parts = ", ".join(f"{family} {share:.0f}%" for family, share in
                           sorted(family_shares.items(), key=lambda item: -item[1]))
