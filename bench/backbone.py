@@ -27,7 +27,6 @@ PROMPTS = [f"a photo of a {name}, a type of object number {i}." for i, name in
            enumerate(["cat", "dog", "annual crop land", "sea or lake", "herbaceous vegetation land"] * 20)]
 
 
-
 def bench_model(name: str, image_batch: int, repeats: int) -> dict:
     model = build_random(name, seed=0)
     size = model.visual.input_resolution

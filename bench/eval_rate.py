@@ -19,8 +19,6 @@ before the tower-kernel change), ``fp32 after`` and ``bf16 after`` (the defaults
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -29,6 +27,7 @@ from promptclip.clip.model import CLIP
 from promptclip.methods import create_method, list_methods
 from promptclip.precision import autocast, cpu_description
 from roofline import variant  # bench/roofline.py: the "before" code path
+from timing import median_time  # bench/timing.py
 
 CLASSNAMES = ["annual crop land", "forest", "herbaceous vegetation land", "highway or road", "industrial buildings",
               "pasture land", "permanent crop land", "residential buildings", "river", "sea or lake"]
@@ -60,17 +59,17 @@ class SequenceCounter:
 
 
 def measure(method, batch: dict, precision: str, batches: int, counter: SequenceCounter) -> tuple[float, int, int]:
-    """Median images/s over ``batches`` evaluation batches after a warm-up; sequences of the last batch."""
+    """Images/s (median over ``batches`` evaluation batches after a warm-up batch, which encodes and caches the class
+    features at this precision) and the sequences of one batch."""
     method.eval()
+
+    def one_batch():
+        counter.reset()
+        method(batch)
+
     with torch.no_grad(), autocast(precision, "cpu"):
-        method(batch)  # warm-up: encodes (and caches) the class features at this precision
-        rates = []
-        for _ in range(batches):
-            counter.reset()
-            start = time.perf_counter()
-            method(batch)
-            rates.append(batch["image"].shape[0] / (time.perf_counter() - start))
-    return statistics.median(rates), counter.images, counter.texts
+        seconds = median_time(one_batch, batches)
+    return batch["image"].shape[0] / seconds, counter.images, counter.texts
 
 
 def main() -> None:

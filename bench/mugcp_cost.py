@@ -41,7 +41,6 @@ def classnames(n: int) -> list[str]:
     return [f"land cover type number {i}" for i in range(n)]
 
 
-
 class TextCounter:
     def __init__(self, model):
         self.sequences = 0

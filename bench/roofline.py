@@ -69,7 +69,6 @@ def counted_forward_flops(model: CLIP, images: torch.Tensor) -> float:
     return float(count.get_total_flops())
 
 
-
 def matmul_peak(batch_rows: int, width: int, repeats: int) -> dict[str, dict[str, float]]:
     """GFLOP/s of each kernel on the tower's MLP product and on 2048^3, best of ``repeats``."""
     shapes = {"mlp": (batch_rows, width, 4 * width), "2048^3": (2048, 2048, 2048)}

@@ -103,6 +103,6 @@ def test_movement_bar_allows_one_rounding_per_step_and_nothing_more():
     assert trajectory_param_errors(one_ulp, golden, init, steps=1)[2] <= 1
     assert trajectory_param_errors(one_ulp, golden, init, steps=3)[2] <= 1 / 3 + 1e-9
     assert trajectory_param_errors(golden, golden, init, steps=0)[2] == 0
-    assert trajectory_param_errors(one_ulp, golden, init, steps=0)[2] > 1  # no step: bit-identical or fail
+    assert trajectory_param_errors(one_ulp, golden, init, steps=0)[2] > 1  # no step: no floor, the bare bar
     off_by_an_epoch = init + 2 * (golden - init)  # an error of the order of the movement (a mutation)
     assert trajectory_param_errors(off_by_an_epoch, golden, init, steps=9)[2] > 10
