@@ -325,6 +325,7 @@ def cmd_eval(args) -> int:
         method = load_trained(_adapter_file(args.adapter), backbone, splits.classnames, splits.template)
         if args.method and method.name != args.method:
             raise ConfigError(f"adapter {args.adapter} was trained with method {method.name!r}, not {args.method!r}")
+        method.set_eval_context(_eval_context(args.subsample, meta["classnames"], splits.classnames))
     else:
         method = create_method(args.method, backbone.model, splits.classnames, template=splits.template)
     from .captions.cli import check_captions, split_groups
@@ -340,6 +341,17 @@ def cmd_eval(args) -> int:
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(backbone.name))
     return 0
+
+
+def _eval_context(subsample: str, trained: list[str], evaluated: list[str]):
+    """What ``eval``/``predict`` evaluate (:class:`promptclip.methods.EvalContext`): the novel half when asked for;
+    otherwise the training data's evaluation when the classes are the adapter's own, a transfer target when not."""
+    from .methods import EvalContext
+
+    if subsample == "new":
+        return EvalContext("new", source=True)
+    same = list(trained) == list(evaluated)
+    return EvalContext("base" if same and subsample == "base" else "all", source=same)
 
 
 def _check_learns_nothing(method: str) -> None:
@@ -468,6 +480,7 @@ def cmd_predict(args) -> int:
         meta = _adapter_meta(args.adapter)
         backbone = _load_backbone(args.backbone or meta["backbone"]["name"], args)
         method = load_trained(_adapter_file(args.adapter), backbone, classnames, args.template)
+        method.set_eval_context(_eval_context("all", meta["classnames"], method.classnames))
         predictor = Predictor(method, backbone, args.device, args.precision or "auto")
     else:
         if not classnames:

@@ -41,6 +41,7 @@ from .errors import ConfigError, DataError
 from .evaluate import EvalResult, evaluate
 from .features import FeatureCache, frozen_features
 from .jsonl import cut_torn_tail, write_json_lines
+from .methods.base import EvalContext
 from .presets import Preset, apply_overrides, default_preset, load_preset
 from .train import ADAPTER_STEM, TrainConfig, fit, train_identity
 
@@ -404,17 +405,21 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     evaluations: list[tuple[str, str, EvalResult]] = []
     name = train_splits.name
     if cell.protocol == "base2novel":
+        method.set_eval_context(EvalContext("base", source=True, protocol=cell.protocol))
         evaluations.append((name, "base", _evaluate(method, train_splits, backbone, cell, options)))
         novel = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed, subsample="new")
         method.set_classnames(novel.classnames, novel.template)
+        method.set_eval_context(EvalContext("new", source=True, protocol=cell.protocol))
         evaluations.append((name, "novel", _evaluate(method, novel, backbone, cell, options)))
     else:
+        method.set_eval_context(EvalContext("all", source=True, protocol=cell.protocol))
         evaluations.append((name, "all", _evaluate(method, train_splits, backbone, cell, options)))
         for target in cell.targets:
             from .data import load_splits
 
             splits = load_splits(target, options.root)
             method.set_classnames(splits.classnames, splits.template)
+            method.set_eval_context(EvalContext("all", source=False, protocol=cell.protocol))
             evaluations.append((splits.name, "all", _evaluate(method, splits, backbone, cell, options)))
     seconds = round(time.perf_counter() - started, 2)
     return [_record(cell, backbone, run_dir, name, eval_name, split, result, seconds)

@@ -1,5 +1,10 @@
-"""The training engine: Dassl's recipe (SGD, one constant warm-up epoch, then cosine stepped per epoch), autocast
-with fp32 master tensors, seeded data order, per-epoch resumable state, and a clear stop on a non-finite loss.
+"""The training engine: Dassl's recipe (SGD, Adam or AdamW; one constant warm-up epoch, then cosine stepped per
+epoch), autocast with fp32 master tensors, seeded data order, per-epoch resumable state, and a clear stop on a
+non-finite loss.
+
+What a method changes about its training goes through the method's extension points (:class:`PromptMethod`:
+``training_step``, ``backward``, ``param_groups``, ``build_optimizer``, ``trainable_buffers``, ``train_rng``), never
+through branches here.
 
 Scaling: the text tower runs under the run's text-memory policy (``text_memory``, :mod:`promptclip.memory`), and
 when a process group with several ranks is initialised (``torchrun``, :mod:`promptclip.distributed`) training is
@@ -13,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,8 +52,16 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     warmup_type: Literal["constant"] = "constant"
     lr_scheduler: Literal["cosine"] = "cosine"
+    #: Dassl's ``OPTIM.NAME``: ``sgd`` (momentum, coupled weight decay), ``adam`` (coupled L2 weight decay, as
+    #: torch's Adam) or ``adamw`` (decoupled weight decay). A method's ``build_optimizer`` may replace it.
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    #: Adam/AdamW betas and eps (Dassl's ``ADAM_BETA1``/``ADAM_BETA2``; eps is torch's default unless a method's
+    #: reference changed it, e.g. TCP's 1e-3).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: Max gradient norm; None (default, as the reference) means no clipping.
     grad_clip: float | None = None
@@ -69,7 +83,11 @@ class TrainConfig:
             ("lr", self.lr > 0, "greater than 0"),
             ("warmup_epoch", self.warmup_epoch >= 0, "0 or more"),
             ("warmup_lr", self.warmup_lr > 0, "greater than 0"),
+            ("optimizer", self.optimizer in ("sgd", "adam", "adamw"), "one of sgd, adam, adamw"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+            ("adam_eps", self.adam_eps > 0, "greater than 0"),
             ("weight_decay", self.weight_decay >= 0, "0 or more"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "null (no clipping) or greater than 0"),
             ("num_workers", self.num_workers >= 0, "0 or more"),
@@ -97,13 +115,15 @@ class TrainingDiverged(PromptClipError):
     """The loss became NaN or infinite."""
 
 
-def dassl_lr(epoch: int, config: TrainConfig) -> float:
+def dassl_lr(epoch: int, config: TrainConfig, base_lr: float | None = None) -> float:
     """Learning rate in effect during 0-based ``epoch``: Dassl's ConstantWarmupScheduler around
-    CosineAnnealingLR(T_max=max_epoch), stepped at the end of each epoch. The cosine restarts after warm-up."""
+    CosineAnnealingLR(T_max=max_epoch), stepped at the end of each epoch. The cosine restarts after warm-up.
+    ``base_lr``: a parameter group's own base rate (default ``config.lr``); the warm-up rate is every group's."""
     if epoch < config.warmup_epoch:
         return config.warmup_lr
     step = epoch - config.warmup_epoch
-    return 0.5 * config.lr * (1 + math.cos(math.pi * step / config.max_epoch))
+    base = config.lr if base_lr is None else base_lr
+    return 0.5 * base * (1 + math.cos(math.pi * step / config.max_epoch))
 
 
 @dataclass
@@ -114,8 +134,9 @@ class FitResult:
 
 
 #: Dassl ``OPTIM`` values that promptclip's engine reproduces (anything else is refused, never approximated).
-_DASSL_FIXED = {"NAME": "sgd", "LR_SCHEDULER": "cosine", "WARMUP_TYPE": "constant", "STAGED_LR": False,
+_DASSL_FIXED = {"LR_SCHEDULER": "cosine", "WARMUP_TYPE": "constant", "STAGED_LR": False,
                 "SGD_DAMPNING": 0, "SGD_NESTEROV": False}
+_DASSL_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def train_config_from_dassl(optim: Mapping[str, Any], batch_size: int, **overrides: Any) -> TrainConfig:
@@ -129,13 +150,19 @@ def train_config_from_dassl(optim: Mapping[str, Any], batch_size: int, **overrid
         if key in optim and optim[key] != expected:
             raise ConfigError(f"Dassl option OPTIM.{key}={optim[key]!r} is not supported (promptclip trains with "
                               f"{key}={expected!r})")
+    name = optim.get("NAME", "sgd")
+    if name not in _DASSL_OPTIMIZERS:
+        raise ConfigError(f"Dassl option OPTIM.NAME={name!r} is not supported (promptclip trains with "
+                          f"{', '.join(_DASSL_OPTIMIZERS)})")
     warmup = int(optim.get("WARMUP_EPOCH", 0))
     if warmup > 0 and optim.get("WARMUP_RECOUNT", True) is not True:
         raise ConfigError("Dassl option OPTIM.WARMUP_RECOUNT=False is not supported (the cosine restarts after "
                           "warm-up, as with Dassl's default True)")
     values = {"batch_size": int(batch_size), "lr": float(optim["LR"]), "max_epoch": int(optim["MAX_EPOCH"]),
               "warmup_epoch": warmup, "warmup_lr": float(optim.get("WARMUP_CONS_LR", 1e-5)),
-              "momentum": float(optim.get("MOMENTUM", 0.9)), "weight_decay": float(optim.get("WEIGHT_DECAY", 5e-4))}
+              "momentum": float(optim.get("MOMENTUM", 0.9)), "weight_decay": float(optim.get("WEIGHT_DECAY", 5e-4)),
+              "optimizer": name, "adam_beta1": float(optim.get("ADAM_BETA1", 0.9)),
+              "adam_beta2": float(optim.get("ADAM_BETA2", 0.999))}
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -174,10 +201,40 @@ def make_train_loader(data: Dataset, config: TrainConfig,
                         generator=torch.Generator().manual_seed(sample_seed(config.seed, 0, -2)))
 
 
-def make_optimizer(method, config: TrainConfig) -> torch.optim.SGD:
-    params = [p for _, p in method.named_trainable()]
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+def make_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
+    """The method's optimizer: its ``param_groups()`` (each group's ``base_lr`` recorded for the schedule), built by
+    its ``build_optimizer`` or, by default, as Dassl's ``build_optimizer`` builds ``config.optimizer``."""
+    groups = []
+    seen: set[int] = set()
+    trainable = {id(p) for _, p in method.named_trainable()}
+    for group in method.param_groups():
+        group = dict(group)
+        params = list(group.pop("params"))
+        if any(id(p) in seen for p in params) or any(id(p) not in trainable for p in params):
+            raise PromptClipError(f"method {method.name!r}: param_groups() must list trainable tensors, each once")
+        seen.update(id(p) for p in params)
+        base_lr = float(group.pop("lr", config.lr)) * float(group.pop("lr_mult", 1.0))
+        groups.append({"params": params, "lr": base_lr, "base_lr": base_lr, **group})
+    if seen != trainable:
+        raise PromptClipError(f"method {method.name!r}: param_groups() leaves out trainable tensors")
+    optimizer = method.build_optimizer(groups, config)
+    if optimizer is not None:
+        return optimizer
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                eps=config.adam_eps, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                 eps=config.adam_eps, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                            dampening=0, nesterov=False)
+
+
+def _group_lrs(optimizer: torch.optim.Optimizer, epoch: int, config: TrainConfig) -> list[float]:
+    """Set and return every parameter group's learning rate for ``epoch``."""
+    for group in optimizer.param_groups:
+        group["lr"] = dassl_lr(epoch, config, group.get("base_lr", config.lr))
+    return [group["lr"] for group in optimizer.param_groups]
 
 
 def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
@@ -289,9 +346,11 @@ def _grad_scaler(precision: str, device: torch.device):
 
 def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress, ctx=None, on_step=None,
                steps_before: int = 0) -> dict[str, Any]:
-    lr = dassl_lr(epoch, config)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lrs = _group_lrs(optimizer, epoch, config)
+    lr = lrs[0]
+    from .data.loader import sample_seed
+
+    method.train_rng = random.Random(sample_seed(config.seed, epoch, -3))
     method.train()
     totals: dict[str, float] = {}
     correct = seen = steps = 0
@@ -308,18 +367,17 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
             torch.cuda.reset_peak_memory_stats(device)
         batch = move_batch(batch, device)
         with autocast(config.precision, device):
-            logits = method(batch)
-            losses = method.loss(batch, logits)
+            logits, losses = method.training_step(batch)
         loss = losses["loss"].float()
-        hits = int((logits.argmax(dim=1) == batch["label"]).sum())
+        size = len(logits)
+        hits = int((logits.argmax(dim=1) == batch["label"]).sum()) if "label" in batch else 0
         if ctx is None:
             _check_finite(loss, {k: float(v.detach()) for k, v in losses.items()}, epoch, step)
-            _step(method, optimizer, scaler, loss, config.grad_clip)
+            _step(method, optimizer, scaler, losses, config.grad_clip)
             values = {k: float(v.detach()) for k, v in losses.items()}
-            size = len(batch["label"])
         else:
-            values, size, hits = _data_parallel_step(method, optimizer, scaler, loss, losses, hits,
-                                                     len(batch["label"]), config.grad_clip, epoch, step)
+            values, size, hits = _data_parallel_step(method, optimizer, scaler, losses, hits, size,
+                                                     config.grad_clip, epoch, step)
         steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels are done: its time is its own
@@ -327,8 +385,9 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
         memory = peak_memory_mb(device)
         peak = max(peak, memory)
         if on_step is not None:
+            lr_values = {"lr": lrs[0]} if len(lrs) == 1 else {"lr": lrs[0], "lrs": lrs}
             on_step({"epoch": epoch + 1, "step": steps_before + steps, "batch": step + 1, "batches": batches,
-                     "lr": optimizer.param_groups[0]["lr"], "batch_size": size, "acc": 100 * hits / max(size, 1),
+                     **lr_values, "batch_size": size, "acc": 100 * hits / max(size, 1),
                      **values, "step_seconds": now - last, "data_seconds": loaded - last,
                      "images_per_second": size / max(now - last, 1e-9), "peak_memory_mb": memory})
         last = now
@@ -357,11 +416,15 @@ def _check_finite(loss: torch.Tensor, terms: Mapping[str, float], epoch: int, st
         )
 
 
-def _data_parallel_step(method, optimizer, scaler, loss, losses, hits, size, grad_clip, epoch, step):
+def _scale(scaler) -> Callable[[torch.Tensor], torch.Tensor]:
+    return (lambda t: t) if scaler is None else scaler.scale
+
+
+def _data_parallel_step(method, optimizer, scaler, losses, hits, size, grad_clip, epoch, step):
     """Backward on this rank's share, one all-reduce (gradients of the global-batch mean, batch sizes, hits and loss
     terms), then the same clipped optimizer step on every rank. Returns the global loss terms, batch size, hits."""
     optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    method.backward(losses, _scale(scaler))
     keys = sorted(losses)
     params = [p for _, p in method.named_trainable()]
     summed = distributed.all_reduce_step(params, size, [hits, *(float(losses[k].detach()) * size for k in keys)])
@@ -375,13 +438,11 @@ def _data_parallel_step(method, optimizer, scaler, loss, losses, hits, size, gra
     return values, int(round(total)), int(round(hits))
 
 
-def _step(method, optimizer, scaler, loss, grad_clip) -> None:
+def _step(method, optimizer, scaler, losses, grad_clip) -> None:
     optimizer.zero_grad(set_to_none=True)
+    method.backward(losses, _scale(scaler))
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     _clip_and_step(method, optimizer, scaler, grad_clip)
 
 
@@ -398,12 +459,16 @@ def _clip_and_step(method, optimizer, scaler, grad_clip) -> None:
 def _save_train_state(out: Path, method, optimizer, config, epoch, history, finished: bool,
                       order_digest: str | None = None) -> None:
     tensors = {f"param.{n}": p for n, p in method.named_trainable()}
+    tensors.update({f"buffer.{n}": b for n, b in method.trainable_buffers()})
     names = {id(p): n for n, p in method.named_trainable()}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum.{names[id(p)]}"] = buf
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value)
+                # SGD's momentum keeps its earlier name, so states written before other optimizers resume.
+                prefix = "momentum" if key == "momentum_buffer" else f"optim.{key}"
+                tensors[f"{prefix}.{names[id(p)]}"] = value
     tensors.update({f"extra.{k}": v for k, v in method.extra_state().items()})
     # The tensors go to a file named by the epoch and the JSON, written last, points to it: a crash between the two
     # writes leaves the previous epoch's JSON and tensors intact and consistent.
@@ -450,9 +515,17 @@ def _apply_train_state(method, optimizer, meta: Mapping[str, Any], tensors: Mapp
                        ) -> Mapping[str, Any]:
     params = dict(method.named_trainable())
     with torch.no_grad():
+        for name, b in method.trainable_buffers():
+            b.copy_(tensors[f"buffer.{name}"])
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
             if f"momentum.{name}" in tensors:
                 optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{name}"].to(p.device).clone()
+        for key, value in tensors.items():
+            if key.startswith("optim."):  # optim.<state key>.<parameter name>; state keys have no dot
+                state_key, _, name = key[len("optim."):].partition(".")
+                p = params[name]
+                # Adam's ``step`` stays a CPU scalar tensor (torch's non-capturable layout).
+                optimizer.state[p][state_key] = value.clone() if state_key == "step" else value.to(p.device).clone()
     method.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     return meta

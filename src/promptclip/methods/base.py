@@ -13,9 +13,10 @@ those images, read from the feature cache (:mod:`promptclip.features`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import random
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,28 @@ def register(cls: type[PromptMethod]) -> type[PromptMethod]:
                         f"{cls.__module__}.{cls.__qualname__}); give one of them another `name`")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What is being evaluated, as the protocol (or ``eval``/``predict``) sees it; set on the method with
+    :meth:`PromptMethod.set_eval_context` before an evaluation. Methods whose evaluation rule depends on it (DePT's
+    fused head on the training classes only, MMRL's fused vs class-token logits) read it; the rest ignore it, so the
+    rule is chosen by the protocol, never by a flag the user must remember.
+
+    ``subsample``: ``base`` / ``new`` (the halves of base→novel), ``all`` (every class of the dataset).
+    ``source``: the dataset the method was trained on (False for a cross-dataset or domain-generalisation target).
+    ``protocol``: the protocol's name where one runs (``base2novel``, ``fewshot``, ...), else None.
+    """
+
+    subsample: Literal["base", "new", "all"] = "base"
+    source: bool = True
+    protocol: str | None = None
+
+    @property
+    def training_classes(self) -> bool:
+        """Whether the classes evaluated are those the method was trained on."""
+        return self.source and self.subsample != "new"
 
 
 class PromptMethod(nn.Module):
@@ -78,6 +101,12 @@ class PromptMethod(nn.Module):
 
     def __init__(self, backbone: CLIP, config: Any, classnames: list[str], template: str | None = None):
         super().__init__()
+        #: The evaluation being run (:class:`EvalContext`); the default: the training classes of the training data.
+        self.eval_context = EvalContext()
+        #: Python-``random`` draws a method makes inside its training step (e.g. one of several class descriptions)
+        #: come from this generator, never from the global one: ``fit`` reseeds it at every epoch from the run's
+        #: seed and the epoch, so a resumed run draws what an uninterrupted one draws.
+        self.train_rng = random.Random(0)
         if not self.supports_resnet and not backbone.is_vit:
             raise ConfigError(
                 f"method {self.name!r} inserts visual prompt tokens and needs a ViT backbone; "
@@ -169,6 +198,45 @@ class PromptMethod(nn.Module):
         """Training objective; ``loss`` is the total that is back-propagated, other keys are logged terms."""
         return {"loss": F.cross_entropy(logits, batch["label"].to(logits.device))}
 
+    def set_eval_context(self, context: EvalContext) -> None:
+        """Called before an evaluation with what is evaluated (:class:`EvalContext`). Methods whose evaluation
+        depends on it override this and call ``super()``; clear any cached class features it affects."""
+        self.eval_context = context
+        self._text_cache = None
+
+    # -- training extension points ---------------------------------------------------------------------------
+    # What a method may change about how it is trained, each with the engine's default behaviour; ``fit`` stays one
+    # loop and plugins use the same points as built-in methods.
+
+    def training_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training forward: ``(logits, loss terms)`` (``loss`` is back-propagated). Default: ``forward`` then
+        :meth:`loss`. ``logits`` give the batch's training accuracy (against ``batch["label"]`` when present)."""
+        logits = self(batch)
+        return logits, self.loss(batch, logits)
+
+    def backward(self, losses: Mapping[str, torch.Tensor], scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Fill the ``.grad`` of the trainable tensors from the step's loss terms. ``scale`` is the mixed-precision
+        loss scaling (identity without it): apply it to whatever is back-propagated. Default:
+        ``scale(losses["loss"]).backward()``. A custom gradient (e.g. ProGrad's projection) overrides this."""
+        scale(losses["loss"]).backward()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: dicts with ``params`` (trainable tensors, together every trainable tensor
+        exactly once) and optionally ``lr`` (the group's base learning rate, in place of the run's ``lr``) or
+        ``lr_mult`` (a factor on it); other keys are passed to the optimizer. The schedule (warm-up, cosine) applies
+        to every group's base rate. Default: one group of every trainable tensor."""
+        return [{"params": [p for _, p in self.named_trainable()]}]
+
+    def build_optimizer(self, groups: list[dict[str, Any]], config: Any) -> torch.optim.Optimizer | None:
+        """An optimizer of the method's own over ``groups`` (each with its ``lr`` set), or None (default) for the
+        run's ``TrainConfig.optimizer`` (SGD, Adam or AdamW, as Dassl builds them)."""
+        return None
+
+    def trainable_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Non-parameter tensors that training updates and the adapter must carry (e.g. BatchNorm running
+        statistics of a trained module). Saved in adapters and training states with the parameters."""
+        return iter(())
+
     # -- training hooks ------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> PromptMethod:
@@ -200,11 +268,14 @@ class PromptMethod(nn.Module):
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The method's learnable tensors only (never a backbone tensor)."""
-        return {n: p.detach().clone() for n, p in self.named_trainable()}
+        """The method's learnable tensors (and :meth:`trainable_buffers`) only, never a backbone tensor."""
+        state = {n: p.detach().clone() for n, p in self.named_trainable()}
+        state.update({n: b.detach().clone() for n, b in self.trainable_buffers()})
+        return state
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         params = dict(self.named_trainable())
+        params.update(dict(self.trainable_buffers()))
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if strict and (missing or unexpected):
