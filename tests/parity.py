@@ -143,6 +143,15 @@ def build_method(golden: Golden):
     return method, name_map
 
 
+def golden_batch(golden: Golden, train: bool) -> dict[str, torch.Tensor]:
+    """The batch a one-step golden's reference saw: its images, and in training its labels. Methods with more inputs
+    (a second augmented view, ...) read them from the golden here."""
+    batch = {"image": golden.images()}
+    if train:
+        batch["label"] = golden.labels()
+    return batch
+
+
 def assert_close_values(ours: torch.Tensor, golden: torch.Tensor, what: str) -> None:
     """Logits, features, losses: max|ours - golden| <= 1e-4 * max(1, max|golden|)."""
     ours, golden = ours.detach().float(), golden.float()

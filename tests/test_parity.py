@@ -12,6 +12,7 @@ from parity import (
     assert_close_grad,
     assert_close_values,
     build_method,
+    golden_batch,
     load_golden,
     method_golden_names,
 )
@@ -41,17 +42,16 @@ def test_eval_logits_match(golden):
     method, _ = build_method(golden)
     method.eval()
     with torch.no_grad():
-        logits = method({"image": golden.images()})
+        logits = method(golden_batch(golden, train=False))
     assert_close_values(logits, golden.tensors["eval.logits"], f"{golden.name} eval.logits")
 
 
 def test_train_loss_and_gradients_match(golden):
     method, name_map = build_method(golden)
     method.train()
-    batch = {"image": golden.images(), "label": golden.labels()}
-    losses = method.loss(batch, method(batch))
+    _, losses = method.training_step(golden_batch(golden, train=True))
     assert_close_values(losses["loss"], golden.tensors["train.loss"], f"{golden.name} train.loss")
-    losses["loss"].backward()
+    method.backward(losses, lambda loss: loss)  # the method's own gradient step (e.g. a projection), as fit runs it
     params = dict(method.named_trainable())
     for reference_name, ours in name_map.items():
         grad = params[ours].grad
