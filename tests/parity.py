@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from promptclip.clip.architectures import ARCHITECTURES, build_random
-from promptclip.clip.model import CLIP
+from promptclip.clip.architectures import ARCHITECTURES, build_random, recipe_state_dict, state_dict_sha256
+from promptclip.clip.model import CLIP, CLIPConfig
 from promptclip.data.templates import CUSTOM_TEMPLATES
 from promptclip.methods import create_method, get_method_class, list_methods
 
@@ -106,13 +106,37 @@ def golden_mini_state() -> dict[str, torch.Tensor]:
     return build_random("golden-mini").state_dict()
 
 
-def golden_backbone(golden: Golden):
-    config = golden.meta["backbone"]["config"]
-    assert golden.meta["backbone"]["name"] == "golden-mini", "only golden-mini goldens are known"
-    model = CLIP(ARCHITECTURES["golden-mini"])
-    model.load_state_dict(golden_mini_state(), strict=True)
+def golden_config(config: dict) -> CLIPConfig:
+    """The CLIPConfig of a golden's ``backbone.config`` (golden-mini or one of its documented variants: the README's
+    recipe with other sizes), read from the file so that any variant works."""
+    return CLIPConfig(embed_dim=config["embed_dim"], image_size=config["image_size"],
+                      vision_layers=config["vision_layers"], vision_width=config["vision_width"],
+                      vision_patch_size=config["patch_size"], vision_heads=config["vision_heads"],
+                      context_length=config["context_length"], vocab_size=config["vocab_size"],
+                      text_width=config["text_width"], text_heads=config["text_heads"],
+                      text_layers=config["text_layers"])
+
+
+@functools.lru_cache(maxsize=2)
+def _variant_state(config: CLIPConfig, sha256: str | None) -> dict[str, torch.Tensor]:
+    state = recipe_state_dict(config)
+    if sha256 is not None:
+        assert state_dict_sha256(state) == sha256, "the regenerated backbone differs from the golden's"
+    return state
+
+
+def golden_backbone(golden: Golden, which: str = "backbone"):
+    """The frozen CLIP of a golden (``which``: ``backbone``, or ``teacher`` where a golden has a second model),
+    rebuilt with the recipe from the entry's ``config`` and checked against its ``weights_sha256``."""
+    entry = golden.meta[which]  # {"name" or "backbone": variant name, "config": {...}, "weights_sha256": ...}
+    config, sha = golden_config(entry["config"]), entry.get("weights_sha256")
+    if config == ARCHITECTURES["golden-mini"]:
+        state = golden_mini_state()
+    else:
+        state = _variant_state(config, sha)
+    model = CLIP(config)
+    model.load_state_dict(state, strict=True)
     model.requires_grad_(False)
-    assert model.config.image_size == config["image_size"] and model.config.vision_layers == config["vision_layers"]
     return model
 
 
