@@ -191,7 +191,7 @@ def test_offline_download_says_how_to_pass_weights(tmp_path, capsys, monkeypatch
         raise weights.WeightsError("could not download https://example.invalid/ViT-B-16.pt: offline. "
                                    "Pass --backbone /path/to/ViT-B-16.pt")
 
-    monkeypatch.setattr(weights, "download", offline)
+    monkeypatch.setattr(weights.load, "download", offline)  # where resolve() looks it up
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
     assert "--backbone /path/to/ViT-B-16.pt" in err and "--backbone tiny" in err
