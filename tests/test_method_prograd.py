@@ -160,3 +160,14 @@ def test_reference_options_are_strict():
         ProGrad.config_from_reference({**base, "W": 1.0})
     with pytest.raises(ConfigError, match="LOSS.NAME"):
         ProGrad.config_from_reference({**base, "loss": {"NAME": "ce"}})
+
+
+def test_loss_scaling_scales_the_projected_gradient_and_keeps_the_decision(golden):
+    """Mixed precision scales both losses by the same factor: the decision and the direction are unchanged."""
+    grads = []
+    for factor in (1.0, 1024.0):
+        method, losses = step(golden)
+        method.backward(losses, lambda loss, f=factor: loss * f)
+        grads.append((dict(method.named_trainable())["ctx"].grad / factor, method.last_projection["ctx"]["fired"]))
+    assert grads[0][1] == grads[1][1]
+    assert (grads[0][0] - grads[1][0]).abs().max() <= 1e-6 * grads[0][0].abs().max()
