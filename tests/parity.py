@@ -151,7 +151,10 @@ def build_method(golden: Golden):
     """Our method for a golden: config from the reference's trainer options, the reference's initial values."""
     name = method_for(golden)
     cls = get_method_class(name)
-    config = cls.config_from_reference(golden.trainer_cfg)
+    # The trainer options, and the entries of the golden's cfg outside them that the method reads (reference_cfg_keys).
+    options = dict(golden.trainer_cfg)
+    options.update({key: golden.meta["cfg"][key] for key in cls.reference_cfg_keys if key in golden.meta["cfg"]})
+    config = cls.config_from_reference(options)
     # The template the method is given: the one the golden records, else the dataset's (as a protocol run passes it).
     template = golden.meta.get("extra", {}).get("template_used") or CUSTOM_TEMPLATES.get(
         golden.meta["cfg"].get("dataset_name"))
@@ -247,8 +250,10 @@ def run_replay(name: str) -> Replay:
     params = dict(method.named_trainable())
     init = {ref: params[ours].detach().clone() for ref, ours in name_map.items()}
     trajectory, cfg = golden.meta["trajectory"], golden.meta["cfg"]
+    # An Adam eps other than torch's default (a reference that edits Dassl's build_optimizer) is recorded in cfg.
+    eps = {"adam_eps": float(cfg["adam_eps"])} if "adam_eps" in cfg else {}
     config = train_config_from_dassl(cfg["optim"], trajectory["batch_size"], max_epoch=trajectory["epochs"],
-                                     precision="fp32", seed=trajectory["order_seed"])
+                                     precision="fp32", seed=trajectory["order_seed"], **eps)
     logits_init = _eval_logits(method, golden.tensors["input.eval_images"])
     steps: list[dict] = []
     epoch_params: list[dict[str, torch.Tensor]] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity import GOLDEN_DIR, build_method, golden_backbone, golden_mini_state, load_golden, method_for
+from parity import GOLDEN_DIR, build_method, golden_backbone, load_golden, method_for
 from promptclip.checkpoint import read_adapter
 from promptclip.cli import main
 from promptclip.clip.architectures import build_random
@@ -71,8 +71,28 @@ def golden_file(name: str, variant: str = "fp32") -> Path:
     return GOLDEN_DIR / (registered if variant == "fp32" else registered["fp16"])["file"]
 
 
-def test_every_method_with_a_reference_trainer_has_a_shipped_golden_or_the_dcp_fixture():
-    covered = {method_for(trajectory_of(dassl_meta(name))) for name in DASSL_GOLDENS} | {"dcp"}
+#: Methods whose reference checkpoint golden is not shipped (too large): their import is tested on a checkpoint built in
+#: the reference's layout (DCP's here, TCP's in tests/test_method_tcp.py).
+BUILT_FIXTURES = {"dcp", "tcp"}
+
+
+def golden_config(name: str):
+    """Our method config of a golden's reference run (its trainer options, through ``config_from_reference``)."""
+    return build_method(trajectory_of(dassl_meta(name)))[0].config
+
+
+def saved_shape(name: str, *keys: str) -> list[int]:
+    """The shape of the first of ``keys`` saved in a golden's Dassl file (from its .dassl.json)."""
+    entries = {e["key"]: e["shape"] for e in dassl_meta(name)["registered_model"]["state_dict"]}
+    return next(entries[key] for key in keys if key in entries)
+
+
+def yaml_bool(value: bool) -> str:
+    return str(bool(value)).lower()
+
+
+def test_every_method_with_a_reference_trainer_has_a_shipped_golden_or_a_built_fixture():
+    covered = {method_for(trajectory_of(dassl_meta(name))) for name in DASSL_GOLDENS} | BUILT_FIXTURES
     assert covered == set(LAYOUTS)
 
 
@@ -149,7 +169,8 @@ def cmpa_checkpoint(folder: Path, golden, differ_block: int | None = None) -> Pa
     n_cls, (n_ctx, width) = len(golden.classnames), values["prompt_learner.prompts_text"].shape
     state = OrderedDict(values)
     state["prompt_learner.token_prefix"] = torch.randn(n_cls, 1, width)
-    state["prompt_learner.token_suffix"] = torch.randn(n_cls, 77 - 1 - n_ctx, width)
+    context = golden.meta["backbone"]["config"]["context_length"]
+    state["prompt_learner.token_suffix"] = torch.randn(n_cls, context - 1 - n_ctx, width)
     if golden.trainer_cfg.get("PS", True):
         for layer in range(1, golden.meta["backbone"]["config"]["vision_layers"]):
             for name, value in values.items():
@@ -183,7 +204,7 @@ def test_dcp_import_reproduces_the_reference_logits(tmp_path, cmpa_golden, one_t
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     report = load_into_method(read_checkpoint(find_checkpoint(tmp_path, LAYOUTS["dcp"].registered_name)), method)
     assert set(report.tensors) == set(name_map)
-    assert report.inferred["shared"] is True and report.frozen.saved == 0
+    assert report.inferred["shared"] is bool(cmpa_golden.trainer_cfg.get("PS", True)) and report.frozen.saved == 0
     expected = cmpa_golden.tensors["eval.logits_init"]  # the reference's logits with exactly these values
     logits = eval_logits(method, cmpa_golden.tensors["input.eval_images"])
     assert (logits - expected).abs().max().item() <= 3e-4 * max(1.0, expected.abs().max().item())
@@ -213,9 +234,9 @@ def with_extra_tensors(folder: Path, name: str, extra: dict[str, torch.Tensor]) 
     return path
 
 
-def frozen_clip(dtype=torch.float32, perturb: str | None = None) -> dict[str, torch.Tensor]:
-    """Some of golden-mini's tensors under MaPLe's names (``image_encoder.*``, ``text_encoder.*``)."""
-    state = golden_mini_state()
+def frozen_clip(golden, dtype=torch.float32, perturb: str | None = None) -> dict[str, torch.Tensor]:
+    """Some of the golden's backbone tensors under MaPLe's names (``image_encoder.*``, ``text_encoder.*``)."""
+    state = golden_backbone(golden).state_dict()
     names = {"image_encoder.conv1.weight": "visual.conv1.weight", "text_encoder.ln_final.weight": "ln_final.weight",
              "text_encoder.transformer.resblocks.0.attn.in_proj_weight": "transformer.resblocks.0.attn.in_proj_weight",
              "logit_scale": "logit_scale"}
@@ -228,35 +249,40 @@ def frozen_clip(dtype=torch.float32, perturb: str | None = None) -> dict[str, to
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_frozen_clip_equal_to_the_backbone_is_accepted_silently(tmp_path, dtype):
-    method, _ = build_method(trajectory_of(dassl_meta("maple")))
-    checkpoint = read_checkpoint(with_extra_tensors(tmp_path, "maple", frozen_clip(dtype)))
+    golden = trajectory_of(dassl_meta("maple"))
+    method, _ = build_method(golden)
+    checkpoint = read_checkpoint(with_extra_tensors(tmp_path, "maple", frozen_clip(golden, dtype)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = load_into_method(checkpoint, method, "golden-mini")
+        report = load_into_method(checkpoint, method, golden.meta["backbone"]["name"])
     assert report.frozen.saved == 4 and report.frozen.matches and not report.warnings
 
 
 def test_frozen_clip_of_other_weights_warns_clearly(tmp_path):
-    method, _ = build_method(trajectory_of(dassl_meta("maple")))
-    other = {**frozen_clip(perturb="image_encoder.conv1.weight"),
-             "image_encoder.transformer.resblocks.7.ln_1.weight": torch.ones(768)}  # a deeper tower than golden-mini
+    golden = trajectory_of(dassl_meta("maple"))
+    method, _ = build_method(golden)
+    backbone = golden.meta["backbone"]
+    beyond = f"image_encoder.transformer.resblocks.{backbone['config']['vision_layers']}.ln_1.weight"
+    other = {**frozen_clip(golden, perturb="image_encoder.conv1.weight"),
+             beyond: torch.ones(backbone["config"]["vision_width"])}  # a deeper tower than the golden's
     checkpoint = read_checkpoint(with_extra_tensors(tmp_path, "maple", other))
-    with pytest.warns(FrozenWeightsWarning, match=r"trained on other CLIP weights than golden-mini: 2 of 5"):
-        report = load_into_method(checkpoint, method, "golden-mini")
-    assert dict(report.frozen.differing).keys() == {"image_encoder.conv1.weight",
-                                                    "image_encoder.transformer.resblocks.7.ln_1.weight"}
-    deeper = dict(report.frozen.differing)["image_encoder.transformer.resblocks.7.ln_1.weight"]
+    with pytest.warns(FrozenWeightsWarning, match=rf"trained on other CLIP weights than {backbone['name']}: 2 of 5"):
+        report = load_into_method(checkpoint, method, backbone["name"])
+    assert dict(report.frozen.differing).keys() == {"image_encoder.conv1.weight", beyond}
+    deeper = dict(report.frozen.differing)[beyond]
     assert deeper == "absent from the backbone"
 
 
 def test_promptsrc_teacher_tower_is_frozen_clip_and_marks_the_file_as_promptsrc(tmp_path):
-    teacher = {"prompt_learner.ZS_image_encoder.conv1.weight": golden_mini_state()["visual.conv1.weight"].clone()}
-    path = with_extra_tensors(tmp_path, "promptsrc", teacher)
     golden = trajectory_of(dassl_meta("promptsrc"))
     method, _ = build_method(golden)
+    teacher = {"prompt_learner.ZS_image_encoder.conv1.weight": method.clip.state_dict()["visual.conv1.weight"].clone()}
+    path = with_extra_tensors(tmp_path, "promptsrc", teacher)
     report = load_into_method(read_checkpoint(path), method)
     assert report.frozen.saved == 1 and report.frozen.matches
-    same_prompts = IVLPConfig(n_ctx_text=4, n_ctx_vision=4, depth_text=3, depth_vision=3)
+    config = method.config  # IVLP prompts of the same sizes: only the teacher tower tells the files apart
+    same_prompts = IVLPConfig(n_ctx_text=config.n_ctx_text, n_ctx_vision=config.n_ctx_vision,
+                              depth_text=config.depth_text, depth_vision=config.depth_vision)
     ivlp = create_method("ivlp", method.clip, golden.classnames, same_prompts)
     with pytest.raises(DasslCheckpointError, match="ZS_image_encoder.*looks like a checkpoint of promptsrc"):
         load_into_method(read_checkpoint(path), ivlp)
@@ -267,35 +293,62 @@ def test_promptsrc_teacher_tower_is_frozen_clip_and_marks_the_file_as_promptsrc(
 
 def test_shapes_are_checked_against_the_config_before_building():
     maple = read_checkpoint(golden_file("maple"))
-    assert check_config(maple, "maple", MaPLeConfig(n_ctx=2, depth=3)) == {"n_ctx": 2, "depth": 3}
-    with pytest.raises(DasslCheckpointError, match=r"depth=3 \(the config has 9\).*--set method_config\.depth=3"):
-        check_config(maple, "maple", MaPLeConfig(n_ctx=2, depth=9))
+    n_ctx, depth = golden_config("maple").n_ctx, golden_config("maple").depth  # what the run had (its cfg)
+    assert check_config(maple, "maple", MaPLeConfig(n_ctx=n_ctx, depth=depth)) == {"n_ctx": n_ctx, "depth": depth}
+    with pytest.raises(DasslCheckpointError, match=rf"depth={depth} \(the config has {depth + 6}\).*"
+                                                   rf"--set method_config\.depth={depth}"):
+        check_config(maple, "maple", MaPLeConfig(n_ctx=n_ctx, depth=depth + 6))
     coop = read_checkpoint(golden_file("coop_ctx16"))
-    with pytest.raises(DasslCheckpointError, match=r"csc=false \(the config has true\)"):
-        check_config(coop, "coop", CoOpConfig(n_ctx=16, csc=True))
-    with pytest.raises(DasslCheckpointError, match=r"n_ctx=16 \(the config has 4\)"):
-        check_config(coop, "coop", CoOpConfig(n_ctx=4))
+    config = golden_config("coop_ctx16")
+    csc, n_ctx = config.csc, context_length("coop_ctx16")
+    assert csc == (len(saved_shape("coop_ctx16", "ctx", "prompt_learner.ctx")) == 3)
+    with pytest.raises(DasslCheckpointError, match=rf"csc={yaml_bool(csc)} \(the config has {yaml_bool(not csc)}\)"):
+        check_config(coop, "coop", CoOpConfig(n_ctx=n_ctx, csc=not csc))
+    with pytest.raises(DasslCheckpointError, match=rf"n_ctx={n_ctx} \(the config has {n_ctx + 3}\)"):
+        check_config(coop, "coop", CoOpConfig(n_ctx=n_ctx + 3, csc=csc))
     # With init words, the words set CoOp's context length, not n_ctx (the shape check after building does).
+    init = golden_config("coop_ctx4_init")
+    assert init.ctx_init.strip(), "coop_ctx4_init is a run with init words"
+    words = context_length("coop_ctx4_init")
     assert check_config(read_checkpoint(golden_file("coop_ctx4_init")), "coop",
-                        CoOpConfig(n_ctx=16, ctx_init="a photo of a"))["n_ctx"] == 4
+                        CoOpConfig(n_ctx=words + 12, ctx_init=init.ctx_init))["n_ctx"] == words
 
 
 def test_width_mismatch_names_tensor_shapes_and_backbone():
     golden = trajectory_of(dassl_meta("ivlp"))
-    config = IVLPConfig(n_ctx_text=2, n_ctx_vision=2, depth_text=3, depth_vision=3)
-    method = create_method("ivlp", build_random("tiny"), golden.classnames, config)
-    with pytest.raises(DasslCheckpointError, match=r"prompt_learner\.ctx has shape \[2, 512\], the method expects "
-                                                   r"\[2, 128\].*tiny: text 128, vision 128"):
+    config = golden_config("ivlp")  # the file's prompt counts and depths, on a backbone of other widths
+    tiny = build_random("tiny")
+    method = create_method("ivlp", tiny, golden.classnames, config)
+    saved = saved_shape("ivlp", "prompt_learner.ctx")
+    expected = [*saved[:-1], tiny.text.width]
+    assert saved != expected, "the golden's text width must differ from tiny's for this test"
+    shapes = rf"prompt_learner\.ctx has shape \[{', '.join(map(str, saved))}\], the method expects "
+    shapes += rf"\[{', '.join(map(str, expected))}\]"
+    with pytest.raises(DasslCheckpointError, match=rf"{shapes}.*tiny: text {tiny.text.width}, vision "
+                                                   rf"{tiny.visual.width}"):
         load_into_method(read_checkpoint(golden_file("ivlp")), method, "tiny")
 
 
+def shared_context_golden() -> str:
+    """A golden whose file keeps class buffers and whose context is shared by the classes (so the class set can
+    change): which one depends on the configurations shipped."""
+    for name in DASSL_GOLDENS:
+        keys = {e["key"].rsplit(".", 1)[-1] for e in dassl_meta(name)["registered_model"]["state_dict"]}
+        if "token_prefix" in keys and not getattr(golden_config(name), "csc", False):
+            return name
+    pytest.skip("no Dassl golden with class buffers and a shared context")
+
+
 def test_class_count_differing_from_the_checkpoint_is_warned():
-    golden = trajectory_of(dassl_meta("coop_ctx16"))
+    name = shared_context_golden()
+    golden = trajectory_of(dassl_meta(name))
     method, _ = build_method(golden)
-    method.set_classnames(golden.classnames[:3])
-    with pytest.warns(UserWarning, match=r"trained on 5 classes.*--subsample base"):
-        report = load_into_method(read_checkpoint(golden_file("coop_ctx16")), method)
-    assert report.saved_classes == 5
+    saved = len(golden.classnames)
+    assert saved == saved_shape(name, "token_prefix", "prompt_learner.token_prefix")[0]
+    method.set_classnames(golden.classnames[: saved - 1])
+    with pytest.warns(UserWarning, match=rf"trained on {saved} classes.*--subsample base"):
+        report = load_into_method(read_checkpoint(golden_file(name)), method)
+    assert report.saved_classes == saved
 
 
 def context_length(name: str) -> int:
@@ -313,10 +366,13 @@ def context_length(name: str) -> int:
 ])
 def test_checkpoint_of_another_method_is_refused(name, method, needle):
     golden = trajectory_of(dassl_meta(name))
-    # A config whose context length fits the file, so that only the tensors tell the methods apart.
+    # A config whose context length (and class-specific context) fits the file, so that only the tensors tell the
+    # methods apart.
     config = {"ctx_init": ""} if name == "vpt" else {"ctx_init": "", "n_ctx": context_length(name)}
+    if method in ("coop", "kgcoop") and name != "vpt":
+        config["csc"] = len(saved_shape(name, "ctx", "prompt_learner.ctx")) == 3
     if method == "dcp":
-        config["depth"] = 2  # golden-mini has 4 layers
+        config["depth"] = min(2, golden.meta["backbone"]["config"]["vision_layers"])
     other = create_method(method, golden_backbone(golden), golden.classnames, config)
     with pytest.raises(DasslCheckpointError, match=needle):
         load_into_method(read_checkpoint(golden_file(name)), other)
@@ -451,6 +507,13 @@ def classnames_of(name: str) -> str:
     return ",".join(trajectory_of(dassl_meta(name)).classnames)
 
 
+def maple_settings() -> list[str]:
+    """``--set`` options giving the maple golden's prompt sizes (the preset's are the official run's)."""
+    config = golden_config("maple")
+    return ["--set", f"method_config.n_ctx={config.n_ctx}", "--set", f"method_config.depth={config.depth}",
+            "--set", f"method_config.ctx_init={config.ctx_init}"]
+
+
 def import_args(source, out, *extra) -> list[str]:
     return ["import", str(source), "--out", str(out), "--backbone", "golden-mini", "--quiet", *extra]
 
@@ -460,7 +523,7 @@ def imported_maple(tmp_path_factory) -> Path:
     """`promptclip import` of the maple golden (a Dassl output folder) on golden-mini."""
     out = tmp_path_factory.mktemp("imported") / "maple"
     argv = import_args(GOLDEN_DIR / "maple.dassl", out, "--method", "maple", "--classnames", classnames_of("maple"),
-                       "--set", "method_config.depth=3")
+                       *maple_settings())
     assert main(argv) == 0
     return out
 
@@ -469,9 +532,11 @@ def test_cli_import_eval_predict_round_trip(imported_maple, capsys):
     meta, tensors = read_adapter(imported_maple / "adapter.safetensors")
     source = dassl_meta("maple")["registered_model"]
     assert meta["method"] == "maple" and meta["backbone"]["name"] == "golden-mini"
-    assert meta["imported_from"]["sha256"] == source["sha256"] and meta["imported_from"]["epoch"] == 3
+    assert meta["imported_from"]["sha256"] == source["sha256"] and meta["imported_from"]["epoch"] == source["epoch"]
     saved = load_torch_file(GOLDEN_DIR / source["file"])["state_dict"]
-    assert torch.equal(tensors["couplers.0.weight"], saved["prompt_learner.proj.weight"])
+    name_map = build_method(trajectory_of(dassl_meta("maple")))[1]
+    for reference, ours in name_map.items():
+        assert torch.equal(tensors[ours], saved[reference].float()), reference
     capsys.readouterr()
 
     assert main(["eval", "--adapter", str(imported_maple), "--dataset", "eurosat-sample", "--subsample", "base",
@@ -506,7 +571,7 @@ def test_cli_train_starts_from_an_imported_adapter(imported_maple, tmp_path):
     out = tmp_path / "finetune"
     argv = ["train", "--method", "maple", "--dataset", "eurosat-sample", "--shots", "1", "--backbone", "golden-mini",
             "--init-adapter", str(imported_maple), "--out", str(out), "--quiet", "--precision", "fp32",
-            "--set", "method_config.depth=3", "--set", "train.max_epoch=1", "--set", "train.warmup_epoch=0",
+            *maple_settings(), "--set", "train.max_epoch=1", "--set", "train.warmup_epoch=0",
             "--set", "train.lr=0.000000001", "--set", "train.weight_decay=0"]
     assert main(argv) == 0
     _, start = read_adapter(imported_maple / "adapter.safetensors")
@@ -522,6 +587,7 @@ def test_cli_import_errors_are_one_paragraph(tmp_path, capsys):
     empty.write_bytes(b"")
     truncated = tmp_path / "cut.pth.tar"
     truncated.write_bytes(golden_file("coop_ctx16").read_bytes()[:5000])
+    absent_epoch = dassl_meta("coop_ctx16")["registered_model"]["epoch"] + 4
     evil = tmp_path / "evil" / "prompt_learner" / "model.pth.tar-1"
     evil.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "epoch": 1, "scheduler": _RunsShell(tmp_path / "ran")}, evil)
@@ -532,7 +598,8 @@ def test_cli_import_errors_are_one_paragraph(tmp_path, capsys):
         (empty, ["--method", "coop"], "is empty"),
         (truncated, ["--method", "coop"], "truncated or corrupt"),
         (evil.parent.parent, ["--method", "coop"], "refused"),
-        (GOLDEN_DIR / "coop_ctx16.dassl", ["--method", "coop", "--epoch", "7"], "no checkpoint of epoch 7"),
+        (GOLDEN_DIR / "coop_ctx16.dassl", ["--method", "coop", "--epoch", str(absent_epoch)],
+         f"no checkpoint of epoch {absent_epoch}"),
         (GOLDEN_DIR / "coop_ctx16.dassl", ["--method", "zeroshot"], "has no reference Dassl trainer"),
     ]
     for source, extra, needle in cases:

@@ -2,8 +2,9 @@
 implementation against the reference (eval logits, training loss, gradients) next to the README's tolerance; for
 every trajectory golden, the worst error of each quantity of a whole replayed run as a multiple of its bar.
 
-    python tools/parity_table.py              # both tables
-    python tools/parity_table.py trajectory   # the trajectory table only
+    python tools/parity_table.py                    # both tables
+    python tools/parity_table.py trajectory         # the trajectory table only
+    python tools/parity_table.py [trajectory] tcp   # only the goldens named
 """
 
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from parity import (  # noqa: E402
     build_method,
+    golden_batch,
     load_golden,
     method_for,
     method_golden_names,
@@ -31,15 +33,15 @@ def errors(name: str) -> tuple[str, float, float, float, int]:
     method, name_map = build_method(golden)
     method.eval()
     with torch.no_grad():
-        logits = method({"image": golden.images()})
+        logits = method(golden_batch(golden, train=False))
     g = golden.tensors["eval.logits"]
     logit_err = (logits - g).abs().max().item() / max(1.0, g.abs().max().item())
     method.train()
-    batch = {"image": golden.images(), "label": golden.labels()}
-    loss = method.loss(batch, method(batch))["loss"]
+    _, losses = method.training_step(golden_batch(golden, train=True))  # as the tests and fit run a step
+    loss = losses["loss"]
     ref_loss = golden.tensors["train.loss"].item()
     loss_err = abs(loss.item() - ref_loss) / max(1.0, abs(ref_loss))
-    loss.backward()
+    method.backward(losses, lambda value: value)
     params = dict(method.named_trainable())
     grad_err, checked = 0.0, 0
     for ref, ours in name_map.items():
@@ -54,11 +56,15 @@ def errors(name: str) -> tuple[str, float, float, float, int]:
     return method_for(golden), logit_err, loss_err, grad_err, checked
 
 
-def trajectory_table() -> None:
+def _selected(names: list[str], only: list[str]) -> list[str]:
+    return [name for name in names if not only or name in only]
+
+
+def trajectory_table(only: list[str] = ()) -> None:
     print("| golden | our method | steps | lr | loss and terms | epoch<e> params | final params | eval.logits_init | "
           "eval.logits | gradient-free tensors moved (max abs) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in trajectory_golden_names():
+    for name in _selected(trajectory_golden_names(), only):
         replay = run_replay(name)
         errors = trajectory_errors(replay)
         cells = " | ".join(f"{errors[c]:.2g}" for c in TRAJECTORY_COLUMNS[:-1])
@@ -71,19 +77,20 @@ def trajectory_table() -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["trajectory"]:
-        trajectory_table()
+    args = sys.argv[1:]
+    if args[:1] == ["trajectory"]:
+        trajectory_table(args[1:])
         return
-    one_step_table()
+    one_step_table(args)
     print()
-    trajectory_table()
+    trajectory_table(args)
 
 
-def one_step_table() -> None:
+def one_step_table(only: list[str] = ()) -> None:
     print("| golden | reference trainer | our method | logits err / max(1, max\\|g\\|) | loss err | "
           "max grad err / max\\|g\\| | tensors with gradient checked |")
     print("|---|---|---|---|---|---|---|")
-    for name in method_golden_names():
+    for name in _selected(method_golden_names(), only):
         golden = load_golden(name)
         method, logit_err, loss_err, grad_err, checked = errors(name)
         print(f"| {name} | {golden.trainer_class} | {method} | {logit_err:.1e} | {loss_err:.1e} | {grad_err:.1e} | "

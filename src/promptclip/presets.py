@@ -225,7 +225,11 @@ _BASE_PRESETS = {
     "promptsrc": "promptsrc/vit_b16_c2_ep20_batch4_4+4ctx",
     "dcp": "dcp/vit_b16_c2_ep20_batch4_16ctx",
     "mugcp": "mugcp/inferred_vit_b16_ep5_batch4_4ctx",  # INFERRED design and recipe (docs/mugcp.md)
+    # The official base-to-novel recipe (rn50_ep100) on ViT-B/16, as SkipTuning's config; few-shot below.
+    "prograd": "prograd/vit_b16_ep100_ctx",
 }
+#: Datasets whose ProGrad few-shot runs of 8 and 16 shots use LOSS.LAMBDA 0.8 (its README).
+_PROGRAD_LAMBDA08 = {"oxford_flowers", "dtd", "eurosat"}
 
 
 def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 16) -> str:
@@ -244,6 +248,12 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if method == "promptsrc" and protocol == "fewshot":
         gpa = "gpa30_30" if dataset in _PROMPTSRC_GPA30 else "gpa45_5"
         return f"promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_{gpa}"
+    if method == "prograd" and protocol == "fewshot":  # the README's config per shot count (RN50 only)
+        if shots <= 1:
+            return "prograd/rn50_ep50"
+        if shots <= 4:
+            return "prograd/rn50_ep100"
+        return "prograd/rn50_lambda08" if dataset in _PROGRAD_LAMBDA08 else "prograd/rn50"
     if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:

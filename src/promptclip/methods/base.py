@@ -93,6 +93,10 @@ class PromptMethod(nn.Module):
     frozen_image_features: ClassVar[bool] = False
     #: Trainer class names of the reference implementations this method reproduces (parity goldens).
     reference_trainers: ClassVar[tuple[str, ...]] = ()
+    #: Keys of a reference run's config outside its trainer options (a golden's ``cfg.<key>``: e.g. Dassl's ``LOSS``
+    #: node, or a constant the reference hard-codes and a golden changes) that :meth:`config_from_reference` reads:
+    #: whoever builds the config from a reference run passes them along with the trainer options, under these names.
+    reference_cfg_keys: ClassVar[tuple[str, ...]] = ()
     #: Presets shipped with the method (plugins; the built-in presets are YAML files in promptclip/presets/): preset
     #: name -> the preset's keys without ``method`` (``backbone``, ``method_config``, ``train``, ``eval``, ``source``)
     #: or the path of a YAML preset file (relative: to the file defining the class). Named ``<method>/<name>``; one
@@ -298,7 +302,8 @@ class PromptMethod(nn.Module):
 
     @classmethod
     def config_from_reference(cls, trainer: Mapping[str, Any]) -> Any:
-        """Our config for a reference run's trainer options (``cfg.TRAINER.<NAME>`` of its Dassl config)."""
+        """Our config for a reference run's trainer options (``cfg.TRAINER.<NAME>`` of its Dassl config), plus the
+        run's config entries named by :attr:`reference_cfg_keys` (under those names) where it has them."""
         raise NotImplementedError(f"{cls.name} has no reference implementation")
 
     def reference_name_map(self) -> dict[str, str]:

@@ -4,7 +4,8 @@ A Dassl output folder holds ``<dir>/<registered name>/model.pth.tar-<epoch>`` (a
 run validated), each ``torch.save({"state_dict", "epoch", "optimizer", "scheduler", "val_result"})``. What the state
 dict holds depends on what the trainer registered (:data:`LAYOUTS`):
 
-- CoOp, CoCoOp and KgCoOp register their prompt learner (``prompt_learner``): keys are relative to it (``ctx``);
+- CoOp, CoCoOp, KgCoOp, ProGrad and TCP register their prompt learner (``prompt_learner``): keys are relative to it
+  (``ctx``);
 - MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
   ``image_encoder.VPT``), and the frozen CLIP is saved with them (PromptSRC: twice, ``prompt_learner.ZS_image_encoder``
@@ -111,6 +112,10 @@ def _infer_cocoop(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return {"n_ctx": t["prompt_learner.ctx"].shape[0]}
 
 
+def _infer_tcp(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return {"n_ctx": t["prompt_learner.ctx"].shape[0]}
+
+
 def _infer_maple(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return {"n_ctx": t["prompt_learner.ctx"].shape[0],
             "depth": _depth(t, "prompt_learner.ctx", r"prompt_learner\.compound_prompts_text\.(\d+)", offset=1)}
@@ -177,6 +182,10 @@ LAYOUTS: dict[str, Layout] = {
                      default_preset="kgcoop/vit_b16_ep100_ctxv1"),
     "cocoop": Layout("prompt_learner", "prompt_learner.", _infer_cocoop, set_by_ctx_init=("n_ctx",),
                      default_preset="cocoop/vit_b16_c4_ep10_batch1_ctxv1"),
+    # ProGrad's prompt learner is CoOp's (the projection is in its Dassl); its init words never set n_ctx.
+    "prograd": Layout("prompt_learner", "prompt_learner.", _infer_coop, default_preset="prograd/rn50_ep100"),
+    # TCP's prompt learner has CoCoOp's tensor names (ctx, meta_net.linear1/2); the meta-net's shapes tell them apart.
+    "tcp": Layout("prompt_learner", "prompt_learner.", _infer_tcp, default_preset="tcp/vit_b16_ep100_ctxv1"),
     "maple": Layout("MultiModalPromptLearner", "", _infer_maple, _clip_towers,
                     signature=(r"prompt_learner\.proj\..*",), default_preset="maple/vit_b16_c2_ep5_batch4_2ctx"),
     "ivlp": Layout("VLPromptLearner", "", _infer_ivlp, _clip_towers,
