@@ -225,6 +225,8 @@ _BASE_PRESETS = {
     "promptsrc": "promptsrc/vit_b16_c2_ep20_batch4_4+4ctx",
     "dcp": "dcp/vit_b16_c2_ep20_batch4_16ctx",
     "mugcp": "mugcp/inferred_vit_b16_ep5_batch4_4ctx",  # INFERRED design and recipe (docs/mugcp.md)
+    "mma": "mma/vit_b16_ep5",
+    "rpo": "rpo/main_K24",
 }
 
 
@@ -244,6 +246,10 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if method == "promptsrc" and protocol == "fewshot":
         gpa = "gpa30_30" if dataset in _PROMPTSRC_GPA30 else "gpa45_5"
         return f"promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_{gpa}"
+    if method == "mma" and imagenet:
+        return "mma/vit_b16_ep5_imnet"
+    if method == "rpo" and protocol == "domain_generalization":
+        return "rpo/imagenet_k24_ep15"
     if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:

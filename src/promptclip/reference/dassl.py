@@ -4,7 +4,8 @@ A Dassl output folder holds ``<dir>/<registered name>/model.pth.tar-<epoch>`` (a
 run validated), each ``torch.save({"state_dict", "epoch", "optimizer", "scheduler", "val_result"})``. What the state
 dict holds depends on what the trainer registered (:data:`LAYOUTS`):
 
-- CoOp, CoCoOp and KgCoOp register their prompt learner (``prompt_learner``): keys are relative to it (``ctx``);
+- CoOp, CoCoOp, KgCoOp and RPO register their prompt learner (``prompt_learner``): keys are relative to it
+  (``ctx``, ``text_prompt``);
 - MMA registers its adapter learner (``adapter_learner``): keys are relative to it (``text_adapter.5.up.weight``),
   with the fixed prompts' ``token_embedding`` and ``tokenized_prompts`` buffers (dropped and rebuilt);
 - MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
@@ -134,6 +135,10 @@ def _infer_ivlp(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 _MMA_ADAPTER = re.compile(r"^adapter_learner\.text_adapter\.(\d+)\.down\.0\.weight$")
 
 
+def _infer_rpo(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return {"k": t["prompt_learner.text_prompt"].shape[0]}
+
+
 def _infer_mma(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     indices = sorted(int(m.group(1)) for k in t if (m := _MMA_ADAPTER.match(k)))
     if not indices:
@@ -207,6 +212,9 @@ LAYOUTS: dict[str, Layout] = {
     "mma": Layout("adapter_learner", "adapter_learner.", _infer_mma,
                   signature=(r"adapter_learner\.shared_adapter\..*",),
                   class_buffers=("token_embedding", "tokenized_prompts"), default_preset="mma/vit_b16_ep5"),
+    # RPO registers its prompt learner: the K text and K visual prompts, nothing else.
+    "rpo": Layout("prompt_learner", "prompt_learner.", _infer_rpo, signature=(r"prompt_learner\.img_prompt",),
+                  default_preset="rpo/main_K24"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
@@ -219,6 +227,7 @@ _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or mode
     ("cocoop", re.compile(r"(^|\.)meta_net\.linear2\.")),
     ("kgcoop", re.compile(r"(^|\.)bias_vectors$")),
     ("mma", re.compile(r"(^|\.)shared_adapter\.\d+\.0\.")),
+    ("rpo", re.compile(r"(^|\.)img_prompt$")),
     ("coop", re.compile(r"^(prompt_learner\.)?ctx$")),
 )
 
