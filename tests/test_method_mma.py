@@ -257,3 +257,22 @@ def test_cli_import_of_the_reference_checkpoint(tmp_path, capsys):
     assert set(tensors) == {k for k in saved if "adapter." in k}
     for key, value in tensors.items():
         assert torch.equal(value, saved[key]), key
+
+
+# -- presets -----------------------------------------------------------------------------------------------------------
+
+
+def test_presets_are_the_official_config_with_the_official_parameter_count():
+    from promptclip.clip.architectures import ARCHITECTURES
+    from promptclip.clip.model import CLIP
+    from promptclip.presets import default_preset, load_preset
+
+    vit_b16 = CLIP(ARCHITECTURES["ViT-B/16"]).requires_grad_(False)
+    for name, batch in (("mma/vit_b16_ep5", 16), ("mma/vit_b16_ep5_imnet", 128)):
+        preset = load_preset(name)
+        train = preset.train
+        assert (train.lr, train.max_epoch, train.batch_size, train.warmup_epoch) == (0.0015, 5, batch, 0)
+        method = create_method("mma", vit_b16, ["cat", "dog"], preset.method_config)
+        assert method.num_trainable() == 8 * (2 * 32 * (512 + 768) + 32 + 512 + 32 + 768 + 32 * 32 + 32)  # 674,560
+    assert default_preset("base2novel", "mma") == "mma/vit_b16_ep5"
+    assert default_preset("cross_dataset", "mma", "imagenet") == "mma/vit_b16_ep5_imnet"

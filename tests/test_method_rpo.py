@@ -232,3 +232,23 @@ def test_cli_import_of_the_reference_checkpoint(tmp_path):
     assert set(tensors) == {"text_prompt", "img_prompt"}
     for key, value in tensors.items():
         assert torch.equal(value, saved[key]), key
+
+
+# -- presets -----------------------------------------------------------------------------------------------------------
+
+
+def test_presets_are_the_official_configs_with_the_official_parameter_counts():
+    from promptclip.clip.architectures import ARCHITECTURES
+    from promptclip.clip.model import CLIP
+    from promptclip.presets import default_preset, load_preset
+
+    vit_b16 = CLIP(ARCHITECTURES["ViT-B/16"]).requires_grad_(False)
+    for name, k, lr in (("rpo/main_K24", 24, 0.01), ("rpo/main_K4", 4, 0.01), ("rpo/imagenet_k24_ep15", 24, 0.005)):
+        preset = load_preset(name)
+        train = preset.train
+        assert (train.lr, train.max_epoch, train.batch_size, train.warmup_epoch, train.warmup_lr) == (
+            lr, 15, 4, 1, 1e-5)
+        method = create_method("rpo", vit_b16, ["cat", "dog"], preset.method_config)
+        assert method.num_trainable() == k * (512 + 768)
+    assert default_preset("base2novel", "rpo") == "rpo/main_K24"
+    assert default_preset("domain_generalization", "rpo") == "rpo/imagenet_k24_ep15"
