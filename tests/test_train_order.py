@@ -123,7 +123,7 @@ def test_dassl_optim_maps_to_the_engine_config():
     ours = train_config_from_dassl(optim, 4, precision="fp32")
     assert (ours.lr, ours.max_epoch, ours.batch_size, ours.warmup_epoch, ours.warmup_lr, ours.momentum,
             ours.weight_decay, ours.precision) == (0.0035, 5, 4, 1, 1e-05, 0.9, 0.0005, "fp32")
-    for key, value in [("NAME", "adam"), ("LR_SCHEDULER", "single_step"), ("WARMUP_TYPE", "linear"),
+    for key, value in [("NAME", "rmsprop"), ("LR_SCHEDULER", "single_step"), ("WARMUP_TYPE", "linear"),
                        ("STAGED_LR", True), ("SGD_NESTEROV", True), ("WARMUP_RECOUNT", False)]:
         with pytest.raises(ConfigError, match=f"OPTIM.{key}"):
             train_config_from_dassl(optim | {key: value}, 4)

@@ -227,6 +227,8 @@ _BASE_PRESETS = {
     "mugcp": "mugcp/inferred_vit_b16_ep5_batch4_4ctx",  # INFERRED design and recipe (docs/mugcp.md)
     # The official base-to-novel recipe (rn50_ep100) on ViT-B/16, as SkipTuning's config; few-shot below.
     "prograd": "prograd/vit_b16_ep100_ctx",
+    "mma": "mma/vit_b16_ep5",
+    "rpo": "rpo/main_K24",
 }
 #: Datasets whose ProGrad few-shot runs of 8 and 16 shots use LOSS.LAMBDA 0.8 (its README).
 _PROGRAD_LAMBDA08 = {"oxford_flowers", "dtd", "eurosat"}
@@ -254,6 +256,10 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
         if shots <= 4:
             return "prograd/rn50_ep100"
         return "prograd/rn50_lambda08" if dataset in _PROGRAD_LAMBDA08 else "prograd/rn50"
+    if method == "mma" and imagenet:
+        return "mma/vit_b16_ep5_imnet"
+    if method == "rpo" and protocol == "domain_generalization":
+        return "rpo/imagenet_k24_ep15"
     if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:

@@ -140,6 +140,8 @@ cocoop    | 80.47 / 71.69 / 75.83 | MaPLe / PromptSRC READMEs
 kgcoop    | 80.73 / 73.60 / 77.00 | htyao89/KgCoOp README
 maple     | 82.28 / 75.14 / 78.55 | muzairkhattak/multimodal-prompt-learning README.md
 promptsrc | 84.26 / 76.10 / 79.97 | muzairkhattak/PromptSRC README.md
+mma       | 83.20 / 76.80 / 79.87 | ZjjConan/Multi-Modal-Adapter README.md
+rpo       | 81.13 / 75.00 / 77.78 | ZjjConan/Multi-Modal-Adapter README.md (its RPO row)
 """
 
 # §5.2 per dataset, B / N / HM [paper, recalled] (MaPLe Table 1, PromptSRC Table 1).

@@ -147,6 +147,8 @@ def train_config_from_dassl(optim: Mapping[str, Any], batch_size: int, **overrid
     from .errors import ConfigError
 
     for key, expected in _DASSL_FIXED.items():
+        if key == "WARMUP_TYPE" and int(optim.get("WARMUP_EPOCH", 0)) == 0:
+            continue  # no warm-up epoch: its type plays no part (MMA's config keeps Dassl's default "linear")
         if key in optim and optim[key] != expected:
             raise ConfigError(f"Dassl option OPTIM.{key}={optim[key]!r} is not supported (promptclip trains with "
                               f"{key}={expected!r})")

@@ -9,7 +9,10 @@ Each tower exposes the same stages:
 - ``embed(...)``: token/patch embedding plus positions (the vision tower can append extra prompt tokens after the
   positional embedding, before ``ln_pre``);
 - ``blocks``: the residual attention blocks;
-- ``forward_blocks(x, hook)``: runs the blocks, calling ``hook(layer, x) -> x`` before each block;
+- ``forward_blocks(x, hook, after=None, attn_mask=None)``: runs the blocks, calling ``hook(layer, x) -> x`` before
+  each block and ``after(layer, x_in, x_out) -> x_out`` after it (``x_in``: the block's input), every block
+  attending with the additive ``attn_mask`` (broadcastable to ``[batch, heads, tokens, tokens]``) on top of its own
+  causal mask, if any. Without ``after`` and ``attn_mask`` the blocks run exactly as without these arguments;
 - ``pool(x)``: the projected feature (vision: CLS token; text: the token at explicit EOT positions).
 
 ``CLIP.forward_lockstep`` runs both towers layer by layer with a ``couple(layer, x_img, x_txt)`` callback.
@@ -31,6 +34,9 @@ from torch import nn
 from .kernels import frozen_linear
 
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
+#: ``after(layer, block_input, block_output) -> block_output``: called after each block (e.g. a parallel branch that
+#: reads the block's input and adds to its output).
+AfterHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 Couple = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -115,11 +121,19 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask``: an additive float mask broadcastable to ``[batch, heads, tokens, tokens]`` (``-inf``:
+        no attention), applied on top of the causal mask when ``causal``."""
         batch, length, width = x.shape
         qkv = frozen_linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        else:
+            mask = attn_mask.to(qkv.dtype)
+            if causal:
+                mask = mask + torch.full((length, length), float("-inf"), dtype=qkv.dtype, device=x.device).triu(1)
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, length, width)
         return frozen_linear(out, self.out_proj.weight, self.out_proj.bias)
 
@@ -140,8 +154,8 @@ class ResidualAttentionBlock(nn.Module):
         )
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=self.causal)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=self.causal, attn_mask=attn_mask)
         mlp = self.mlp
         hidden = mlp.gelu(frozen_linear(self.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
         return x + frozen_linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
@@ -158,11 +172,15 @@ class Transformer(nn.Module):
             *[ResidualAttentionBlock(width, heads, quick_gelu, causal, mlp_width) for _ in range(layers)]
         )
 
-    def forward(self, x: torch.Tensor, hook: Hook | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hook: Hook | None = None, after: AfterHook | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer, block in enumerate(self.resblocks):
             if hook is not None:
                 x = hook(layer, x)
-            x = block(x)
+            if after is None:
+                x = block(x) if attn_mask is None else block(x, attn_mask)
+            else:
+                x = after(layer, x, block(x) if attn_mask is None else block(x, attn_mask))
         return x
 
 
@@ -213,8 +231,9 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x, prompts.to(x.dtype)], dim=1)
         return self.ln_pre(x)
 
-    def forward_blocks(self, x: torch.Tensor, hook: Hook | None = None) -> torch.Tensor:
-        return self.transformer(x, hook)
+    def forward_blocks(self, x: torch.Tensor, hook: Hook | None = None, after: AfterHook | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(x, hook, after, attn_mask)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_post(x[:, 0, :]) @ self.proj
@@ -335,11 +354,14 @@ class ModifiedResNet(nn.Module):
         x = self.relu3(self.bn3(self.conv3(x)))
         return self.avgpool(x)
 
-    def forward_blocks(self, x: torch.Tensor, hook: Hook | None = None) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor, hook: Hook | None = None, after: AfterHook | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("an attention mask needs a ViT image tower (a ResNet has no token sequence)")
         for layer, stage in enumerate(self.blocks):
             if hook is not None:
                 x = hook(layer, x)
-            x = stage(x)
+            x = stage(x) if after is None else after(layer, x, stage(x))
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,8 +408,9 @@ class TextTower:
         x = self.embed_tokens(tokens) if token_embeds is None else token_embeds
         return x + self._model.positional_embedding[: x.shape[1]].to(x.dtype)
 
-    def forward_blocks(self, x: torch.Tensor, hook: Hook | None = None) -> torch.Tensor:
-        return self._model.transformer(x, hook)
+    def forward_blocks(self, x: torch.Tensor, hook: Hook | None = None, after: AfterHook | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._model.transformer(x, hook, after, attn_mask)
 
     def pool(self, x: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
         """Projected features at ``eot_positions`` (one index per sequence)."""

@@ -121,6 +121,9 @@ class PromptMethod(nn.Module):
         self.config = config
         self.template = check_template(template) if template is not None else None
         self.classnames = check_classnames(classnames)
+        #: The class names exactly as given (``classnames`` are normalised: ``_`` read as a space), for a method
+        #: whose reference puts them into its prompts unchanged.
+        self.given_classnames = list(classnames)
         self._text_cache: tuple[tuple[bool, torch.dtype], torch.Tensor] | None = None
 
     # -- class names ---------------------------------------------------------------------------------------------
@@ -136,8 +139,9 @@ class PromptMethod(nn.Module):
         Names are checked (:func:`promptclip.data.classnames.check_classnames`: none empty, none the same as another
         to the text encoder) and so is every prompt built from them: one over the text context names its class, and
         the method keeps its previous class set."""
-        previous = (self.classnames, self.template)
+        previous = (self.classnames, self.template, self.given_classnames)
         self.classnames = check_classnames(classnames)
+        self.given_classnames = list(classnames)
         if template is not None:
             self.template = check_template(template)
         self._text_cache = None
@@ -146,8 +150,8 @@ class PromptMethod(nn.Module):
                 self.rebuild_class_buffers()
         except ContextLengthError as err:
             error = prompt_too_long(err, self.classnames)
-            if previous != (self.classnames, self.template):  # a swap (not the constructor): undo it
-                self.classnames, self.template = previous
+            if previous != (self.classnames, self.template, self.given_classnames):  # a swap: undo it
+                self.classnames, self.template, self.given_classnames = previous
                 with torch.no_grad():
                     self.rebuild_class_buffers()
             raise error from None

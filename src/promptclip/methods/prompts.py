@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clip.model import CLIP, Hook, eot_positions, truncate_after_eot
+from ..clip.model import CLIP, AfterHook, Hook, eot_positions, truncate_after_eot
 from ..clip.tokenizer import get_tokenizer, tokenize
 from ..memory import plan_text_pass, run_in_chunks
 
@@ -67,8 +67,10 @@ def normal_init(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
 
 
 def encode_text_embeddings(clip: CLIP, token_embeds: torch.Tensor | InstancePrompts, eot: torch.Tensor,
-                           hook: Hook | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Text features of prompt embeddings ``[N, L, width]`` with EOT positions ``[N]``.
+                           hook: Hook | None = None, chunk_size: int | None = None,
+                           after: AfterHook | None = None) -> torch.Tensor:
+    """Text features of prompt embeddings ``[N, L, width]`` with EOT positions ``[N]``; ``hook`` / ``after`` run
+    before / after each block (:meth:`promptclip.clip.model.Transformer.forward`).
 
     Sequences are cut after the last EOT (exact under the causal mask). How the tower runs follows the text-memory
     policy in effect (:mod:`promptclip.memory`): one pass, or chunks of sequences (each cut after its own last EOT),
@@ -78,19 +80,20 @@ def encode_text_embeddings(clip: CLIP, token_embeds: torch.Tensor | InstanceProm
     num = token_embeds.shape[0]
     plan = plan_text_pass(num, int(eot.max()) + 1 if num else 1, chunk_size)
     if plan.chunk is None and not plan.checkpoint:
-        return _encode_chunk(clip, token_embeds[0:num], eot, hook)
+        return _encode_chunk(clip, token_embeds[0:num], eot, hook, after)
     step = plan.chunk or num
 
     def run(start: int, stop: int) -> torch.Tensor:
         # Rows are sliced (or built) inside the pass, so a checkpoint keeps neither them nor any activation.
-        return _encode_chunk(clip, token_embeds[start:stop], eot[start:stop], hook)
+        return _encode_chunk(clip, token_embeds[start:stop], eot[start:stop], hook, after)
 
     return run_in_chunks(run, num, step, plan.checkpoint)
 
 
-def _encode_chunk(clip: CLIP, token_embeds: torch.Tensor, eot: torch.Tensor, hook: Hook | None) -> torch.Tensor:
+def _encode_chunk(clip: CLIP, token_embeds: torch.Tensor, eot: torch.Tensor, hook: Hook | None,
+                  after: AfterHook | None = None) -> torch.Tensor:
     x = clip.text.embed(token_embeds=truncate_after_eot(token_embeds, eot))
-    return clip.text.pool(clip.text.forward_blocks(x, hook), eot)
+    return clip.text.pool(clip.text.forward_blocks(x, hook, after), eot)
 
 
 class InstancePrompts:

@@ -4,8 +4,10 @@ A Dassl output folder holds ``<dir>/<registered name>/model.pth.tar-<epoch>`` (a
 run validated), each ``torch.save({"state_dict", "epoch", "optimizer", "scheduler", "val_result"})``. What the state
 dict holds depends on what the trainer registered (:data:`LAYOUTS`):
 
-- CoOp, CoCoOp, KgCoOp, ProGrad and TCP register their prompt learner (``prompt_learner``): keys are relative to it
-  (``ctx``);
+- CoOp, CoCoOp, KgCoOp, ProGrad, TCP and RPO register their prompt learner (``prompt_learner``): keys are relative
+  to it (``ctx``, ``text_prompt``);
+- MMA registers its adapter learner (``adapter_learner``): keys are relative to it (``text_adapter.5.up.weight``),
+  with the fixed prompts' ``token_embedding`` and ``tokenized_prompts`` buffers (dropped and rebuilt);
 - MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
   ``image_encoder.VPT``), and the frozen CLIP is saved with them (PromptSRC: twice, ``prompt_learner.ZS_image_encoder``
@@ -134,6 +136,21 @@ def _infer_ivlp(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             **_infer_vision(t)}
 
 
+_MMA_ADAPTER = re.compile(r"^adapter_learner\.text_adapter\.(\d+)\.down\.0\.weight$")
+
+
+def _infer_rpo(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return {"k": t["prompt_learner.text_prompt"].shape[0]}
+
+
+def _infer_mma(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    indices = sorted(int(m.group(1)) for k in t if (m := _MMA_ADAPTER.match(k)))
+    if not indices:
+        raise KeyError("adapter_learner.text_adapter.<i>.down.0.weight")
+    first = t[f"adapter_learner.text_adapter.{indices[0]}.down.0.weight"]
+    return {"adapter_start": indices[0], "adapter_end": indices[-1], "adapter_dim": first.shape[0]}
+
+
 _CMPA_BLOCK = re.compile(r"^encoder\.resblocks\.(\d+)\.prompt_attn\.(.+)$")
 
 
@@ -171,6 +188,8 @@ class Layout:
     set_by_ctx_init: tuple[str, ...] = ()
     #: The preset whose method config matches the reference's official config for released checkpoints.
     default_preset: str = ""
+    #: Class-dependent buffers (last part of the key) dropped on import: the method rebuilds them from the class names.
+    class_buffers: tuple[str, ...] = CLASS_BUFFERS
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -197,6 +216,13 @@ LAYOUTS: dict[str, Layout] = {
     "dcp": Layout("MultiModalPromptLearner", "", _infer_dcp, _cmpa_towers,
                   unused=(r"encoder\.resblocks\.\d+\.prompt_attn\..*",), signature=(r"prompt_learner\.prompts_visual",),
                   alias=_cmpa_alias, default_preset="dcp/vit_b16_c2_ep20_batch4_16ctx_reference"),
+    # MMA registers its adapter learner: the adapters, and the fixed prompts' tokens and embeddings as buffers.
+    "mma": Layout("adapter_learner", "adapter_learner.", _infer_mma,
+                  signature=(r"adapter_learner\.shared_adapter\..*",),
+                  class_buffers=("token_embedding", "tokenized_prompts"), default_preset="mma/vit_b16_ep5"),
+    # RPO registers its prompt learner: the K text and K visual prompts, nothing else.
+    "rpo": Layout("prompt_learner", "prompt_learner.", _infer_rpo, signature=(r"prompt_learner\.img_prompt",),
+                  default_preset="rpo/main_K24"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
@@ -208,6 +234,8 @@ _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or mode
     ("vpt", re.compile(r"^image_encoder\.VPT$")),
     ("cocoop", re.compile(r"(^|\.)meta_net\.linear2\.")),
     ("kgcoop", re.compile(r"(^|\.)bias_vectors$")),
+    ("mma", re.compile(r"(^|\.)shared_adapter\.\d+\.0\.")),
+    ("rpo", re.compile(r"(^|\.)img_prompt$")),
     ("coop", re.compile(r"^(prompt_learner\.)?ctx$")),
 )
 
@@ -430,7 +458,7 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
                 shapes.append(f"{key} is {value.dtype}, not a floating-point tensor")
             else:
                 imported[name_map[key]] = value.detach().to(torch.float32).clone()
-        elif key.rsplit(".", 1)[-1] in CLASS_BUFFERS:
+        elif key.rsplit(".", 1)[-1] in layout.class_buffers:
             buffers.append(key)
         elif layout.alias(key) in name_map:
             pass  # a copy of a shared tensor, equal to it (check_config infers "shared" from that)
@@ -503,6 +531,7 @@ def _frozen_difference(saved: torch.Tensor, ours: torch.Tensor | None) -> str:
 
 def _saved_classes(tensors: Mapping[str, torch.Tensor], buffers: list[str]) -> int | None:
     prefixes = [tensors[k].shape[0] for k in buffers if k.endswith("token_prefix") and tensors[k].dim() == 3]
+    prefixes += [tensors[k].shape[0] for k in buffers if k.endswith("tokenized_prompts") and tensors[k].dim() == 2]
     return prefixes[0] if prefixes else None
 
 
