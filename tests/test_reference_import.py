@@ -50,6 +50,8 @@ FP16_BAR = 2.0 ** -10
 #: CMPA's trainer registers its whole model as "MultiModalPromptLearner" (GingL/CMPA trainers/cmpa.py,
 #: ``self.register_model("MultiModalPromptLearner", self.model, ...)``).
 CMPA_REGISTERED_NAME = "MultiModalPromptLearner"
+#: Methods without a checkpoint golden whose Dassl file is built in their own test (in the reference's layout).
+BUILT_IN_TEST_FIXTURES = {"mmrl"}  # tests/test_method_mmrl.py
 
 
 def dassl_meta(name: str) -> dict:
@@ -73,6 +75,7 @@ def golden_file(name: str, variant: str = "fp32") -> Path:
 
 def test_every_method_with_a_reference_trainer_has_a_shipped_golden_or_the_dcp_fixture():
     covered = {method_for(trajectory_of(dassl_meta(name))) for name in DASSL_GOLDENS} | {"dcp"}
+    covered |= BUILT_IN_TEST_FIXTURES
     assert covered == set(LAYOUTS)
 
 

@@ -45,7 +45,7 @@ class FrozenWeightsWarning(UserWarning):
 BEST_FILE = "model-best.pth.tar"
 EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
 #: Class-dependent buffers: rebuilt from the class names (the reference's ``load_model`` deletes them too).
-CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix")
+CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix", "prompt_embeddings")
 
 
 # -- what each trainer saves -----------------------------------------------------------------------------------------
@@ -145,6 +145,13 @@ def _cmpa_alias(key: str) -> str | None:
     return f"encoder.resblocks.0.prompt_attn.{match.group(2)}" if match and match.group(1) != "0" else None
 
 
+def _infer_mmrl(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """MMRL / MMRL++: the representation tokens give N and the representation width (the layers' count shows in
+    the per-layer tensors, their block numbers nowhere)."""
+    n_rep_tokens, rep_dim = t["representation_learner.compound_rep_tokens"].shape
+    return {"n_rep_tokens": n_rep_tokens, "rep_dim": rep_dim}
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where and how one method's reference trainer saves its model."""
@@ -188,10 +195,15 @@ LAYOUTS: dict[str, Layout] = {
     "dcp": Layout("MultiModalPromptLearner", "", _infer_dcp, _cmpa_towers,
                   unused=(r"encoder\.resblocks\.\d+\.prompt_attn\..*",), signature=(r"prompt_learner\.prompts_visual",),
                   alias=_cmpa_alias, default_preset="dcp/vit_b16_c2_ep20_batch4_16ctx_reference"),
+    # MMRL registers its whole CustomCLIP (frozen towers included) as "MultiModalRepresentationLearner".
+    "mmrl": Layout("MultiModalRepresentationLearner", "", _infer_mmrl, _clip_towers,
+                   signature=(r"image_encoder\.proj_rep",), default_preset="mmrl/vit_b16"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
 _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or model-level (``prompt_learner.ctx``)
+    ("mmrl", re.compile(r"(^|\.)compound_rep_tokens_r2[tv]proj\.")),
+    ("mmrlpp", re.compile(r"(^|\.)srra_r2[tv]proj\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
     ("promptsrc", re.compile(r"ZS_image_encoder\.")),
@@ -493,7 +505,8 @@ def _frozen_difference(saved: torch.Tensor, ours: torch.Tensor | None) -> str:
 
 
 def _saved_classes(tensors: Mapping[str, torch.Tensor], buffers: list[str]) -> int | None:
-    prefixes = [tensors[k].shape[0] for k in buffers if k.endswith("token_prefix") and tensors[k].dim() == 3]
+    prefixes = [tensors[k].shape[0] for k in buffers
+                if k.endswith(("token_prefix", "prompt_embeddings")) and tensors[k].dim() == 3]
     return prefixes[0] if prefixes else None
 
 
