@@ -316,3 +316,24 @@ def test_set_eval_context_clears_nothing_learned(golden):
     with torch.no_grad():
         out = method.outputs({"image": images})
     assert torch.equal(fused, out["fusion"]) and torch.equal(token, out["logits"])
+
+
+def test_mmrlpp_blends_tokens_across_layers(monkeypatch):
+    """Mutation (MMRL++): replacing positions 1..N at later layers (MMRL's rule) instead of blending fails the
+    logits; so does the frozen ``proj`` without its low-rank term."""
+    if "mmrlpp" not in METHODS:
+        pytest.skip("no mmrlpp golden")
+    from promptclip.methods.mmrlpp import MMRLpp
+
+    golden = load_golden("mmrlpp")
+    method, _ = build_method(golden)
+    expected = golden.tensors["eval.logits"]
+    assert_close_values(eval_logits(method, golden.images(), BASE), expected, "eval.logits")
+    assert golden.trainer_cfg["BETA"] < 1  # else blending is replacement and the mutation is no mutation
+    monkeypatch.setattr(MMRLpp, "merge_tokens", lambda self, new, previous: new)
+    with pytest.raises(AssertionError):
+        assert_close_values(eval_logits(method, golden.images(), BASE), expected, "replaced tokens")
+    monkeypatch.undo()
+    monkeypatch.setattr(MMRLpp, "rep_projection", lambda self: self.clip.visual.proj)
+    with pytest.raises(AssertionError):
+        assert_close_values(eval_logits(method, golden.images(), BASE), expected, "proj without A @ B")

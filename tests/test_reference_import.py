@@ -51,7 +51,7 @@ FP16_BAR = 2.0 ** -10
 #: ``self.register_model("MultiModalPromptLearner", self.model, ...)``).
 CMPA_REGISTERED_NAME = "MultiModalPromptLearner"
 #: Methods without a checkpoint golden whose Dassl file is built in their own test (in the reference's layout).
-BUILT_IN_TEST_FIXTURES = {"mmrl"}  # tests/test_method_mmrl.py
+BUILT_IN_TEST_FIXTURES = {"mmrl", "mmrlpp"}  # tests/test_method_mmrl.py
 
 
 def dassl_meta(name: str) -> dict:

@@ -231,7 +231,8 @@ _BASE_PRESETS = {
 #: Methods whose reference applies per-dataset values over its trainer yaml (MMRL's ``trainers/config.py``): their
 #: presets ``<method>/<stem>_<dataset>`` carry them, chosen by dataset (the generic ``<method>/<stem>`` otherwise);
 #: ImageNet and the transfer protocols have presets of their own.
-_PER_DATASET_PRESETS = {"mmrl": {"base2novel": "vit_b16", "fewshot": "vit_b16_few_shot"}}
+_PER_DATASET_PRESETS = {"mmrl": {"base2novel": "vit_b16", "fewshot": "vit_b16_few_shot"},
+                        "mmrlpp": {"base2novel": "vit_b16", "fewshot": "vit_b16_few_shot"}}
 
 
 def _per_dataset_preset(protocol: str, method: str, dataset: str) -> str:

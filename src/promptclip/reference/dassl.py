@@ -145,11 +145,17 @@ def _cmpa_alias(key: str) -> str | None:
     return f"encoder.resblocks.0.prompt_attn.{match.group(2)}" if match and match.group(1) != "0" else None
 
 
-def _infer_mmrl(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def _infer_mmrl(t: Mapping[str, torch.Tensor], projection: str = "image_encoder.proj_rep") -> dict[str, Any]:
     """MMRL / MMRL++: the representation tokens give N and the representation width (the layers' count shows in
-    the per-layer tensors, their block numbers nowhere)."""
+    the per-layer tensors, their block numbers nowhere); ``projection``, which only that family member saves, tells
+    the two apart before any value is compared."""
+    t[projection]  # noqa: B018 (a KeyError names the missing tensor)
     n_rep_tokens, rep_dim = t["representation_learner.compound_rep_tokens"].shape
     return {"n_rep_tokens": n_rep_tokens, "rep_dim": rep_dim}
+
+
+def _infer_mmrlpp(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return _infer_mmrl(t, "representation_learner.srra_r2tproj.weight")
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,8 @@ LAYOUTS: dict[str, Layout] = {
     # MMRL registers its whole CustomCLIP (frozen towers included) as "MultiModalRepresentationLearner".
     "mmrl": Layout("MultiModalRepresentationLearner", "", _infer_mmrl, _clip_towers,
                    signature=(r"image_encoder\.proj_rep",), default_preset="mmrl/vit_b16"),
+    "mmrlpp": Layout("MultiModalRepresentationLearner", "", _infer_mmrlpp, _clip_towers,
+                     signature=(r"image_encoder\.A",), default_preset="mmrlpp/vit_b16"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
