@@ -8,7 +8,8 @@ dict holds depends on what the trainer registered (:data:`LAYOUTS`):
 - MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
   ``image_encoder.VPT``), and the frozen CLIP is saved with them (PromptSRC: twice, ``prompt_learner.ZS_image_encoder``
-  is a second image tower).
+  is a second image tower); MMRL and MMRL++ register their whole CustomCLIP as ``MultiModalRepresentationLearner``
+  (with a ``prompt_embeddings`` class buffer, dropped and rebuilt like the token buffers).
 
 Importing keeps the learned tensors (renamed with the method's ``reference_name_map``, cast to fp32 masters), drops
 the class-dependent buffers (``token_prefix``/``token_suffix``, rebuilt from the class names as the reference does),
