@@ -337,3 +337,54 @@ def test_mmrlpp_blends_tokens_across_layers(monkeypatch):
     monkeypatch.setattr(MMRLpp, "rep_projection", lambda self: self.clip.visual.proj)
     with pytest.raises(AssertionError):
         assert_close_values(eval_logits(method, golden.images(), BASE), expected, "proj without A @ B")
+
+
+# -- presets: the reference's per-dataset values ------------------------------------------------------------------
+
+#: yunncheng/MMRL trainers/config.py (B2N and FS): dataset -> values over the trainer yaml.
+MMRL_PER_DATASET = {"stanford_cars": {"reg_weight": 7.0}, "fgvc_aircraft": {"reg_weight": 6.0},
+                    "sun397": {"reg_weight": 6.0}, "dtd": {"reg_weight": 6.0}, "food101": {"reg_weight": 5.0},
+                    "oxford_flowers": {"reg_weight": 4.0}, "ucf101": {"reg_weight": 3.0},
+                    "caltech101": {"reg_weight": 0.5}, "oxford_pets": {"reg_weight": 0.2},
+                    "eurosat": {"rep_dim": 2048, "reg_weight": 0.01}}
+MMRLPP_PER_DATASET = {"fgvc_aircraft": (0.9, 2.0), "ucf101": (0.9, 3.0), "dtd": (0.9, 7.0),
+                      "oxford_pets": (0.7, 0.01), "stanford_cars": (0.7, 6.0), "caltech101": (0.6, 3.0),
+                      "sun397": (0.5, 3.0), "oxford_flowers": (0.4, 7.0), "eurosat": (0.2, 0.01),
+                      "food101": (0.1, 1.0)}
+
+
+def test_presets_carry_the_per_dataset_values_and_protocols_pick_them():
+    from promptclip.presets import default_preset, load_preset
+
+    for protocol, stem, epochs, batch in (("base2novel", "vit_b16", 10, 4), ("fewshot", "vit_b16_few_shot", 50, 32)):
+        for dataset, values in MMRL_PER_DATASET.items():
+            preset = load_preset(default_preset(protocol, "mmrl", dataset))
+            assert preset.name == f"mmrl/{stem}_{dataset}" and preset.source
+            assert {**{"rep_dim": 512}, **values}.items() <= preset.method_config.items()
+            assert (preset.train.optimizer, preset.train.max_epoch, preset.train.batch_size) == ("adamw", epochs, batch)
+    for protocol, stem, lr, epochs in (("base2novel", "vit_b16", 1e-3, 10), ("fewshot", "vit_b16_few_shot", 2e-3, 100)):
+        for dataset, (beta, reg) in MMRLPP_PER_DATASET.items():
+            preset = load_preset(default_preset(protocol, "mmrlpp", dataset))
+            assert preset.name == f"mmrlpp/{stem}_{dataset}"
+            assert (preset.method_config["beta"], preset.method_config["reg_weight"]) == (beta, reg)
+            assert (preset.train.lr, preset.train.max_epoch) == (lr, epochs)
+    assert load_preset(default_preset("base2novel", "mmrl", "imagenet")).method_config["reg_weight"] == 0.5
+    assert load_preset(default_preset("fewshot", "mmrlpp", "imagenet")).method_config["reg_weight"] == 0.2
+    cross = load_preset(default_preset("cross_dataset", "mmrl", "imagenet"))
+    assert (cross.method_config["reg_weight"], cross.method_config["rep_dim"], cross.train.max_epoch,
+            cross.train.warmup_epoch) == (0.2, 512, 1, 0)
+    assert load_preset(default_preset("domain_generalization", "mmrlpp", "imagenet")).method_config["reg_weight"] == 0.1
+    assert default_preset("base2novel", "mmrl", "my_own_data") == "mmrl/vit_b16"  # the trainer yaml's values
+
+
+def test_reference_options_are_strict():
+    from promptclip.errors import ConfigError
+    from promptclip.methods.mmrl import MMRL
+    from promptclip.methods.mmrlpp import MMRLpp
+
+    with pytest.raises(ConfigError, match="BETA"):
+        MMRL.config_from_reference({"BETA": 0.5})
+    config = MMRLpp.config_from_reference({"REP_LAYERS": [1, 2, 3], "N_REP_TOKENS": 3, "REP_DIM": 256, "ALPHA": 0.6,
+                                           "BETA": 0.5, "REG_WEIGHT": 2.0, "PROJ_LORA_DIM": 16, "RES_LORA_DIM": 2})
+    assert (config.rep_layers, config.n_rep_tokens, config.rep_dim, config.alpha, config.beta, config.reg_weight,
+            config.proj_lora_dim, config.res_lora_dim) == ([1, 2, 3], 3, 256, 0.6, 0.5, 2.0, 16, 2)
