@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -219,6 +220,10 @@ class Replay:
     init_params: dict[str, torch.Tensor]  # reference name -> initial value (stored or regenerated)
     logits_init: torch.Tensor
     logits: torch.Tensor
+    #: Adam-family runs only (else empty): reference name -> per-element movement floor after each epoch / at the end
+    #: (:func:`adam_undetermined`), as the whole tensor.
+    epoch_floors: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+    final_floors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def trajectory(self) -> dict:
@@ -257,17 +262,40 @@ def run_replay(name: str) -> Replay:
     logits_init = _eval_logits(method, golden.tensors["input.eval_images"])
     steps: list[dict] = []
     epoch_params: list[dict[str, torch.Tensor]] = []
+    adam = config.optimizer in ("adam", "adamw")
+    floors = {ref: torch.zeros_like(params[ours]) for ref, ours in name_map.items()} if adam else {}
+    epoch_floors: list[dict[str, torch.Tensor]] = []
 
     def on_step(record: dict) -> None:
         steps.append(record)
+        for ref, floor in floors.items():  # the step's gradients are still in .grad here
+            floor += adam_undetermined(params[name_map[ref]].grad, record["lr"])
         if record["batch"] == record["batches"]:  # after the epoch's last optimizer step, before its epoch-end code
             epoch_params.append({ref: params[ours].detach().clone() for ref, ours in name_map.items()})
+            if adam:
+                epoch_floors.append({ref: floor.clone() for ref, floor in floors.items()})
 
     data = TensorDataset(golden.tensors["input.train_images"], golden.tensors["input.train_labels"])
     fit(method, data, config, progress=False, on_step=on_step, batch_order=trajectory["orders"])
     final = {ref: params[ours].detach().clone() for ref, ours in name_map.items()}
     logits = _eval_logits(method, golden.tensors["input.eval_images"])
-    return Replay(golden, method, name_map, steps, epoch_params, final, init, logits_init, logits)
+    return Replay(golden, method, name_map, steps, epoch_params, final, init, logits_init, logits, epoch_floors, floors)
+
+
+#: A gradient element within this fraction of its tensor's max|grad| is zero to within the one-step gradient bar
+#: (``assert_close_grad``): the parity tests do not determine its sign.
+UNDETERMINED_GRADIENT = 1e-4
+
+
+def adam_undetermined(grad: torch.Tensor | None, lr: float) -> torch.Tensor:
+    """The movement an Adam(W) step of ``lr`` may take in either direction, per element, where the gradient is zero
+    to within the one-step bar: ``2 * lr`` there, 0 elsewhere. Adam's step ``lr * m / (sqrt(v) + eps)`` is
+    normalised: for an element whose gradient is at float32 noise level (its sign set by summation order, its size
+    comparable to ``eps``) any step in ``[-lr, lr]`` is as exact as the reference's (docs/parity.md)."""
+    if grad is None:
+        return torch.zeros(())
+    band = UNDETERMINED_GRADIENT * grad.detach().abs().max()
+    return (grad.detach().abs() <= band).to(grad.dtype) * (2 * lr)
 
 
 def stored_part(value: torch.Tensor, entry: dict) -> torch.Tensor:
@@ -275,8 +303,8 @@ def stored_part(value: torch.Tensor, entry: dict) -> torch.Tensor:
     return value if entry["stored"] else value.reshape(entry["shape"][0], -1)[:4]
 
 
-def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torch.Tensor, steps: int
-                            ) -> tuple[float, float, float]:
+def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torch.Tensor, steps: int,
+                            floor: torch.Tensor | None = None) -> tuple[float, float, float]:
     """(max abs error, its ratio to the value bar 1e-4 * max|golden|, the largest ratio of an element's error to its
     movement bar) — both ratios must be <= 1 (TRAJECTORY_README.md). The movement bar is 2e-3 * max|golden - init|,
     but never less than ``steps`` float32 ulps of the element's golden value: ``steps`` optimizer steps (each rounds
@@ -290,12 +318,19 @@ def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torc
     magnitude = golden.float().abs()
     ulp = (torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude).double()
     move_bar = torch.clamp(steps * ulp, min=2e-3 * (golden - init).abs().max().item())
+    if floor is not None:  # Adam(W): steps the parity tests leave undetermined (adam_undetermined), per element
+        move_bar = torch.maximum(move_bar, floor.double())
 
     def ratio(bar: float) -> float:
         return err / bar if bar > 0 else (0.0 if err == 0 else float("inf"))
 
     move_ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / move_bar).max().item()
     return err, ratio(value_bar), move_ratio
+
+
+def epoch_floors(replay: Replay, epoch: int) -> dict[str, torch.Tensor]:
+    """The Adam movement floors after ``epoch`` (empty for other optimizers)."""
+    return replay.epoch_floors[epoch] if replay.epoch_floors else {}
 
 
 def steps_until(replay: Replay, epoch: int | None = None) -> int:
@@ -326,19 +361,23 @@ def trajectory_errors(replay: Replay) -> dict[str, float]:
         for key, value in ({"loss": ref["loss"]} | ref.get("terms", {})).items():
             errors["loss"] = max(errors["loss"], scalar_error(terms[key], value))
 
-    def params_error(entries, ours_by_name, steps: int) -> float:
+    def params_error(entries, ours_by_name, steps: int, floors: dict[str, torch.Tensor]) -> float:
         worst = 0.0
         for entry in entries:
             init = stored_part(replay.init_params[entry["name"]], entry)
-            _, value_ratio, move_ratio = trajectory_param_errors(stored_part(ours_by_name[entry["name"]], entry),
-                                                                 replay.golden.tensors[entry["key"]], init, steps)
+            floor = floors.get(entry["name"])
+            _, value_ratio, move_ratio = trajectory_param_errors(
+                stored_part(ours_by_name[entry["name"]], entry), replay.golden.tensors[entry["key"]], init, steps,
+                None if floor is None else stored_part(floor, entry))
             worst = max(worst, value_ratio, move_ratio)
         return worst
 
-    errors["epoch_params"] = max(params_error(entries, ours, steps_until(replay, e)) for e, (ours, entries) in
-                                 enumerate(zip(replay.epoch_params, replay.trajectory["epoch_end_params"],
-                                               strict=True)))
-    errors["final_params"] = params_error(replay.trajectory["final_params"], replay.final_params, steps_until(replay))
+    errors["epoch_params"] = max(params_error(entries, ours, steps_until(replay, e), epoch_floors(replay, e))
+                                 for e, (ours, entries) in enumerate(zip(replay.epoch_params,
+                                                                         replay.trajectory["epoch_end_params"],
+                                                                         strict=True)))
+    errors["final_params"] = params_error(replay.trajectory["final_params"], replay.final_params, steps_until(replay),
+                                          replay.final_floors)
     errors["logits_init"] = logits_error(replay.logits_init, replay.golden.tensors["eval.logits_init"])
     errors["logits"] = logits_error(replay.logits, replay.golden.tensors["eval.logits"])
     errors["frozen"] = max([(replay.final_params[n].double() - replay.init_params[n].double()).abs().max().item()

@@ -50,8 +50,7 @@ FP16_BAR = 2.0 ** -10
 #: CMPA's trainer registers its whole model as "MultiModalPromptLearner" (GingL/CMPA trainers/cmpa.py,
 #: ``self.register_model("MultiModalPromptLearner", self.model, ...)``).
 CMPA_REGISTERED_NAME = "MultiModalPromptLearner"
-
-
+#: Methods without a checkpoint golden whose Dassl file is built in their own test (in the reference's layout).
 def dassl_meta(name: str) -> dict:
     return json.loads((GOLDEN_DIR / f"{name}.dassl.json").read_text())
 
@@ -72,8 +71,8 @@ def golden_file(name: str, variant: str = "fp32") -> Path:
 
 
 #: Methods whose reference checkpoint golden is not shipped (too large): their import is tested on a checkpoint built in
-#: the reference's layout (DCP's here, TCP's in tests/test_method_tcp.py).
-BUILT_FIXTURES = {"dcp", "tcp"}
+#: the reference's layout (DCP's here, the others in tests/test_method_<method>.py).
+BUILT_FIXTURES = {"dcp", "tcp", "mmrl", "mmrlpp"}
 
 
 def golden_config(name: str):

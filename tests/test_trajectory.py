@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from parity import (
+    adam_undetermined,
+    epoch_floors,
     logits_error,
     replay_trajectory,
     scalar_error,
@@ -55,13 +57,15 @@ def test_every_step_has_the_reference_lr_loss_and_terms(replay):
             assert scalar_error(mine, value) <= 1, f"{where}: {key} {mine} vs {value}"
 
 
-def _check_params(replay, entries, ours_by_name, label, steps):
+def _check_params(replay, entries, ours_by_name, label, steps, floors=None):
     tensors = replay.golden.tensors
     for entry in entries:
         ours, init = ours_by_name[entry["name"]], replay.init_params[entry["name"]]
         golden = tensors[entry["key"]]
+        floor = (floors or {}).get(entry["name"])
         err, value_ratio, move_ratio = trajectory_param_errors(stored_part(ours, entry), golden,
-                                                               stored_part(init, entry), steps)
+                                                               stored_part(init, entry), steps,
+                                                               None if floor is None else stored_part(floor, entry))
         what = f"{replay.golden.name} {label} {entry['name']}"
         assert value_ratio <= 1 and move_ratio <= 1, (
             f"{what}: max abs error {err:.3g} is {value_ratio:.2f}x the value bar and {move_ratio:.2f}x the "
@@ -75,11 +79,12 @@ def test_parameters_after_every_epoch(replay):
     golden_epochs = replay.trajectory["epoch_end_params"]
     assert len(replay.epoch_params) == len(golden_epochs) == replay.trajectory["epochs"]
     for e, (ours, entries) in enumerate(zip(replay.epoch_params, golden_epochs, strict=True)):
-        _check_params(replay, entries, ours, f"epoch{e}", steps_until(replay, e))
+        _check_params(replay, entries, ours, f"epoch{e}", steps_until(replay, e), epoch_floors(replay, e))
 
 
 def test_final_parameters(replay):
-    _check_params(replay, replay.trajectory["final_params"], replay.final_params, "final", steps_until(replay))
+    _check_params(replay, replay.trajectory["final_params"], replay.final_params, "final", steps_until(replay),
+                  replay.final_floors)
 
 
 def test_eval_logits_after_training(replay):
@@ -106,3 +111,17 @@ def test_movement_bar_allows_one_rounding_per_step_and_nothing_more():
     assert trajectory_param_errors(one_ulp, golden, init, steps=0)[2] > 1  # no step: no floor, the bare bar
     off_by_an_epoch = init + 2 * (golden - init)  # an error of the order of the movement (a mutation)
     assert trajectory_param_errors(off_by_an_epoch, golden, init, steps=9)[2] > 10
+
+
+def test_adam_floor_covers_only_steps_whose_gradient_the_parity_bar_leaves_undetermined():
+    grad = torch.tensor([1.0, -0.5, 6e-8, 0.0, 2e-4])
+    floor = adam_undetermined(grad, lr=1e-5)
+    assert floor.tolist() == pytest.approx([0.0, 0.0, 2e-5, 2e-5, 0.0])  # |g| <= 1e-4 * max|g|: either direction
+    init = torch.zeros(5)
+    golden = torch.tensor([3e-5, -3e-5, 6.9e-6, 0.0, 3e-5])  # a warm-up epoch of 3 AdamW steps
+    ours = golden + torch.tensor([0.0, 0.0, 9e-8, 0.0, 0.0])  # the ε-regime element off by 1% of a step
+    assert trajectory_param_errors(ours, golden, init, steps=3)[2] > 1  # the bare bar fails it
+    assert trajectory_param_errors(ours, golden, init, steps=3, floor=floor)[2] <= 1
+    elsewhere = golden + torch.tensor([9e-8, 0.0, 0.0, 0.0, 0.0])  # the same error where the gradient is determined
+    assert trajectory_param_errors(elsewhere, golden, init, steps=3, floor=floor)[2] > 1
+    assert adam_undetermined(None, 1e-3).sum() == 0

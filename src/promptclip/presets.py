@@ -234,6 +234,24 @@ _BASE_PRESETS = {
 _PROGRAD_LAMBDA08 = {"oxford_flowers", "dtd", "eurosat"}
 
 
+#: Methods whose reference applies per-dataset values over its trainer yaml (MMRL's ``trainers/config.py``): their
+#: presets ``<method>/<stem>_<dataset>`` carry them, chosen by dataset (the generic ``<method>/<stem>`` otherwise);
+#: ImageNet and the transfer protocols have presets of their own.
+_PER_DATASET_PRESETS = {"mmrl": {"base2novel": "vit_b16", "fewshot": "vit_b16_few_shot"},
+                        "mmrlpp": {"base2novel": "vit_b16", "fewshot": "vit_b16_few_shot"}}
+
+
+def _per_dataset_preset(protocol: str, method: str, dataset: str) -> str:
+    stems = _PER_DATASET_PRESETS[method]
+    if protocol in ("cross_dataset", "domain_generalization"):
+        return f"{method}/vit_b16_cross_datasets"
+    if dataset == "imagenet":
+        return f"{method}/vit_b16_imagenet"
+    stem = stems.get(protocol, stems["base2novel"])
+    specific = f"{method}/{stem}_{dataset}"
+    return specific if dataset and (PRESETS_DIR / f"{specific}.yaml").exists() else f"{method}/{stem}"
+
+
 def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 16) -> str:
     """The official preset of ``method`` for a protocol (SPEC 2.4); ``dataset`` and ``shots`` pick per-dataset and
     per-shot variants (CoOp's epochs by shots, ImageNet's 50-epoch CoOp, PromptSRC's few-shot GPA)."""
@@ -260,6 +278,8 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
         return "mma/vit_b16_ep5_imnet"
     if method == "rpo" and protocol == "domain_generalization":
         return "rpo/imagenet_k24_ep15"
+    if method in _PER_DATASET_PRESETS:
+        return _per_dataset_preset(protocol, method, dataset)
     if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:

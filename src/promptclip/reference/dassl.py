@@ -11,7 +11,8 @@ dict holds depends on what the trainer registered (:data:`LAYOUTS`):
 - MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
   ``image_encoder.VPT``), and the frozen CLIP is saved with them (PromptSRC: twice, ``prompt_learner.ZS_image_encoder``
-  is a second image tower).
+  is a second image tower); MMRL and MMRL++ register their whole CustomCLIP as ``MultiModalRepresentationLearner``
+  (with a ``prompt_embeddings`` class buffer, dropped and rebuilt like the token buffers).
 
 Importing keeps the learned tensors (renamed with the method's ``reference_name_map``, cast to fp32 masters), drops
 the class-dependent buffers (``token_prefix``/``token_suffix``, rebuilt from the class names as the reference does),
@@ -48,7 +49,7 @@ class FrozenWeightsWarning(UserWarning):
 BEST_FILE = "model-best.pth.tar"
 EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
 #: Class-dependent buffers: rebuilt from the class names (the reference's ``load_model`` deletes them too).
-CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix")
+CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix", "prompt_embeddings")
 
 
 # -- what each trainer saves -----------------------------------------------------------------------------------------
@@ -167,6 +168,19 @@ def _cmpa_alias(key: str) -> str | None:
     return f"encoder.resblocks.0.prompt_attn.{match.group(2)}" if match and match.group(1) != "0" else None
 
 
+def _infer_mmrl(t: Mapping[str, torch.Tensor], projection: str = "image_encoder.proj_rep") -> dict[str, Any]:
+    """MMRL / MMRL++: the representation tokens give N and the representation width (the layers' count shows in
+    the per-layer tensors, their block numbers nowhere); ``projection``, which only that family member saves, tells
+    the two apart before any value is compared."""
+    t[projection]  # noqa: B018 (a KeyError names the missing tensor)
+    n_rep_tokens, rep_dim = t["representation_learner.compound_rep_tokens"].shape
+    return {"n_rep_tokens": n_rep_tokens, "rep_dim": rep_dim}
+
+
+def _infer_mmrlpp(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return _infer_mmrl(t, "representation_learner.srra_r2tproj.weight")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where and how one method's reference trainer saves its model."""
@@ -223,10 +237,17 @@ LAYOUTS: dict[str, Layout] = {
     # RPO registers its prompt learner: the K text and K visual prompts, nothing else.
     "rpo": Layout("prompt_learner", "prompt_learner.", _infer_rpo, signature=(r"prompt_learner\.img_prompt",),
                   default_preset="rpo/main_K24"),
+    # MMRL registers its whole CustomCLIP (frozen towers included) as "MultiModalRepresentationLearner".
+    "mmrl": Layout("MultiModalRepresentationLearner", "", _infer_mmrl, _clip_towers,
+                   signature=(r"image_encoder\.proj_rep",), default_preset="mmrl/vit_b16"),
+    "mmrlpp": Layout("MultiModalRepresentationLearner", "", _infer_mmrlpp, _clip_towers,
+                     signature=(r"image_encoder\.A",), default_preset="mmrlpp/vit_b16"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
 _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or model-level (``prompt_learner.ctx``)
+    ("mmrl", re.compile(r"(^|\.)compound_rep_tokens_r2[tv]proj\.")),
+    ("mmrlpp", re.compile(r"(^|\.)srra_r2[tv]proj\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
     ("promptsrc", re.compile(r"ZS_image_encoder\.")),
@@ -530,7 +551,8 @@ def _frozen_difference(saved: torch.Tensor, ours: torch.Tensor | None) -> str:
 
 
 def _saved_classes(tensors: Mapping[str, torch.Tensor], buffers: list[str]) -> int | None:
-    prefixes = [tensors[k].shape[0] for k in buffers if k.endswith("token_prefix") and tensors[k].dim() == 3]
+    prefixes = [tensors[k].shape[0] for k in buffers
+                if k.endswith(("token_prefix", "prompt_embeddings")) and tensors[k].dim() == 3]
     prefixes += [tensors[k].shape[0] for k in buffers if k.endswith("tokenized_prompts") and tensors[k].dim() == 2]
     return prefixes[0] if prefixes else None
 
