@@ -293,7 +293,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     _say(f"training {preset.method} ({preset.name}) on {splits.name} [{args.subsample}], {len(splits.train)} images, "
          f"{splits.num_classes} classes, seed {args.seed} -> {out}")
-    data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args))
+    data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args),
+                    views=method.train_views)
     result = fit(method, data, preset.train, out_dir=out, device=args.device, progress=not args.quiet,
                  backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, batch_order=batch_order,
                  trackers=tuple(args.log_to or ()))
