@@ -396,3 +396,22 @@ def test_import_round_trip_reproduces_the_reference_logits(tmp_path, capsys):
     with torch.no_grad():
         cli_logits = loaded({"image": golden.tensors["input.eval_images"]})
     assert (cli_logits - expected).abs().max().item() <= 3e-4 * scale
+
+
+# -- the command line -------------------------------------------------------------------------------------------------
+
+
+def test_cli_train_with_a_descriptions_file(tmp_path):
+    texts = {name: list(found[:2]) for name, found in load_descriptions("eurosat").entries.items()}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(texts))
+    out = tmp_path / "run"
+    argv = ["train", "--method", "coprompt", "--dataset", "eurosat-sample", "--shots", "1", "--subsample", "base",
+            "--backbone", "tiny", "--quiet", "--precision", "fp32", "--descriptions", str(path), "--set",
+            "train.max_epoch=1", "--set", "method_config.depth=2", "--out", str(out)]
+    assert main(argv) == 0
+    meta, _ = read_adapter(out / "adapter.safetensors")
+    assert meta["config"]["descriptions"] == str(path.resolve()) and meta["config"]["w"] == 0.1  # EuroSAT's W
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s.get("kind") == "step"]
+    assert steps and all(s["loss_distill_image"] > 0 and s["description_index"] in (0, 1) for s in steps)
