@@ -354,7 +354,8 @@ def test_find_checkpoint_names_the_folder_of_another_trainer(tmp_path):
         find_checkpoint(tmp_path / "empty", "prompt_learner")
     with pytest.raises(DasslCheckpointError, match=r"under MultiModalPromptLearner/.*saves under VLPromptLearner/"):
         find_checkpoint(GOLDEN_DIR / "maple.dassl", "VLPromptLearner")
-    with pytest.raises(DasslCheckpointError, match=r"registered as 'MultiModalPromptLearner' \(maple, dcp\)"):
+    saving = ", ".join(m for m, layout in LAYOUTS.items() if layout.registered_name == "MultiModalPromptLearner")
+    with pytest.raises(DasslCheckpointError, match=rf"registered as 'MultiModalPromptLearner' \({saving}\)"):
         find_checkpoint(GOLDEN_DIR / "maple.dassl" / "MultiModalPromptLearner", "prompt_learner")
 
 
@@ -529,7 +530,8 @@ def test_cli_import_errors_are_one_paragraph(tmp_path, capsys):
     torch.save({"state_dict": {}, "epoch": 1, "scheduler": _RunsShell(tmp_path / "ran")}, evil)
     cases = [
         (GOLDEN_DIR / "maple.dassl", ["--method", "dcp"], "looks like a checkpoint of maple"),
-        (GOLDEN_DIR / "maple.dassl", ["--method", "ivlp"], "is where maple, dcp save"),
+        (GOLDEN_DIR / "maple.dassl", ["--method", "ivlp"],
+         f"is where {', '.join(m for m, x in LAYOUTS.items() if x.registered_name == 'MultiModalPromptLearner')} save"),
         (tmp_path / "no_checkpoint", ["--method", "coop"], "no Dassl checkpoint in"),
         (empty, ["--method", "coop"], "is empty"),
         (truncated, ["--method", "coop"], "truncated or corrupt"),
