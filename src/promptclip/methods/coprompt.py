@@ -1,5 +1,6 @@
-"""CoPrompt (Roy & Etemad, ICLR 2024): consistency-guided prompt learning (ShuvenduRoy/CoPrompt ``trainers/
-coprompt.py``, MIT).
+"""CoPrompt (Roy & Etemad, ICLR 2024): MaPLe prompts + adapters kept consistent with frozen CLIP.
+
+Consistency-guided prompt learning, after ShuvenduRoy/CoPrompt ``trainers/coprompt.py`` (MIT).
 
 Learned: MaPLe's multi-modal prompts (:mod:`.maple`: text prompts ``P_0 .. P_{J-1}`` and the couplers giving the
 vision prompts) plus two residual adapters, image and text, each ``Linear(D -> D/4, no bias) -> ReLU -> Linear(D/4 ->
@@ -188,7 +189,7 @@ class CoPrompt(MaPLe):
             image_term = F.mse_loss(image, teacher_image.to(image.dtype))
         distill = text_term + image_term
         terms.update(loss_distill_text=text_term, loss_distill_image=image_term, loss_distill=distill,
-                     description_index=torch.tensor(float(d)))
+                     description_index=torch.tensor(float(d), device=logits.device))
         terms["loss"] = ce + self.config.w * distill
         return terms
 
