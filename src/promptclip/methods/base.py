@@ -5,7 +5,8 @@ and shared. The trainable state is whatever has ``requires_grad`` — never sele
 adapter file holds exactly those tensors.
 
 Batches are dicts: ``image`` ``[B, 3, H, W]``, ``label`` ``[B]`` (training), plus per-sample extras such as
-``caption``, and ``image_view2`` (a second augmented view, in training batches of methods with ``train_views = 2``). Methods whose image features come from the frozen image tower unchanged (``frozen_image_features``)
+``caption``, and ``image_view2`` (a second augmented view, in training batches of methods with ``train_views = 2``).
+Methods whose image features come from the frozen image tower unchanged (``frozen_image_features``)
 may get ``image_features`` ``[B, D]`` instead of ``image`` at evaluation: the output of ``clip.encode_image`` for
 those images, read from the feature cache (:mod:`promptclip.features`).
 """
