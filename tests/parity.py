@@ -155,6 +155,9 @@ def build_method(golden: Golden):
     # The trainer options, and the entries of the golden's cfg outside them that the method reads (reference_cfg_keys).
     options = dict(golden.trainer_cfg)
     options.update({key: golden.meta["cfg"][key] for key in cls.reference_cfg_keys if key in golden.meta["cfg"]})
+    # Options a trainer reads from TRAINER itself, outside its own node (CoPrompt's TRAINER.W / TRAINER.DISTILL).
+    full = golden.meta["cfg"].get("trainer_full", {})
+    options.update({k: full[k] for k in getattr(cls, "REFERENCE_TRAINER_LEVEL_KEYS", ()) if k in full})
     config = cls.config_from_reference(options)
     # The template the method is given: the one the golden records, else the dataset's (as a protocol run passes it).
     template = golden.meta.get("extra", {}).get("template_used") or CUSTOM_TEMPLATES.get(
@@ -168,7 +171,16 @@ def build_method(golden: Golden):
             value = golden.init_value(entry)
             assert tuple(target.shape) == tuple(value.shape), entry["name"]
             target.copy_(value)
+    for key in RECORDED_DRAWS:  # the reference's Python-random draws inside its step(s), replayed in order
+        if key in golden.tensors:
+            method.set_train_draws(golden.tensors[key].reshape(-1).tolist())
     return method, name_map
+
+
+#: Tensors recording a reference's ``random.randint`` draws inside the training step (one-step, trajectory).
+RECORDED_DRAWS = ("train.description_index", "trajectory.description_index")
+#: Golden inputs of a second augmented view of each image (methods with ``train_views = 2``).
+VIEW2_KEYS = {"input.images": "input.images_view2", "input.train_images": "input.train_images_view2"}
 
 
 def golden_batch(golden: Golden, train: bool) -> dict[str, torch.Tensor]:
@@ -177,6 +189,8 @@ def golden_batch(golden: Golden, train: bool) -> dict[str, torch.Tensor]:
     batch = {"image": golden.images()}
     if train:
         batch["label"] = golden.labels()
+        if VIEW2_KEYS["input.images"] in golden.tensors:
+            batch["image_view2"] = golden.tensors[VIEW2_KEYS["input.images"]]
     return batch
 
 
@@ -275,7 +289,9 @@ def run_replay(name: str) -> Replay:
             if adam:
                 epoch_floors.append({ref: floor.clone() for ref, floor in floors.items()})
 
-    data = TensorDataset(golden.tensors["input.train_images"], golden.tensors["input.train_labels"])
+    view2 = VIEW2_KEYS["input.train_images"]
+    extras = {"image_view2": golden.tensors[view2]} if view2 in golden.tensors else None
+    data = TensorDataset(golden.tensors["input.train_images"], golden.tensors["input.train_labels"], extras=extras)
     fit(method, data, config, progress=False, on_step=on_step, batch_order=trajectory["orders"])
     final = {ref: params[ours].detach().clone() for ref, ours in name_map.items()}
     logits = _eval_logits(method, golden.tensors["input.eval_images"])

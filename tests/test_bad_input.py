@@ -246,6 +246,22 @@ CASES: dict[str, Case] = {
     "mugcp with captions for one image": Case([*TRAIN[:2], "mugcp", *TRAIN[3:], "--captions", "<partial_captions>"],
                                               ["have no caption in", "partial.csv"]),
     "captions file not JSONL": Case([*TRAIN[:2], "mugcp", *TRAIN[3:], "--captions", "<file>"], ["<file>:1"]),
+    # -- class descriptions (CoPrompt) -----------------------------------------------------------------------------
+    "--descriptions missing": Case([*TRAIN[:2], "coprompt", *TRAIN[3:], "--descriptions", "<inputs>/none.json"],
+                                   ["class descriptions file not found", "none.json"]),
+    "--descriptions not JSON": Case([*TRAIN[:2], "coprompt", *TRAIN[3:], "--descriptions", "<file>"],
+                                    ["cannot read class descriptions file", "afile"]),
+    "--descriptions for one class": Case(
+        [*TRAIN[:2], "coprompt", *TRAIN[3:], "--descriptions", "<partial_descriptions>"],
+        ["partial_descriptions.json", "9 of 10 classes of eurosat-sample have no description", "'Annual Crop Land'",
+         "--descriptions FILE"]),
+    "run --descriptions for one class": Case(
+        [*RUN[:3], "coprompt", *RUN[4:], "--descriptions", "<partial_descriptions>"],
+        ["partial_descriptions.json", "have no description", "'Forest'"]),
+    "bundled descriptions of another dataset": Case(
+        ["train", "--method", "coprompt", "--dataset", "folder:<two_class>", "--shots", "1", "--out", "<out>", *TINY,
+         "--set", "method_config.descriptions=dtd"],
+        ["bundled:dtd", "2 of 2 classes of two_class have no description", "'forest'"]),
 }
 
 
@@ -293,12 +309,14 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     for name, text in presets.items():
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
+    (root / "partial_descriptions.json").write_text('{"River": ["a river seen from above"]}')
     (root / "range_order.json").write_text("[[[0, 99999]]]")
     paths = {"inputs": root, "file": root / "afile", "empty": root / "empty", "img": image,
              **{f"{n}_folder": root / f"{n}_folder" for n in ("dup", "hole")}, "one_class": root / "one_class",
              "two_class": root / "two_class",
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
+             "partial_descriptions": root / "partial_descriptions.json",
              "range_order": root / "range_order.json"}
     # A plain state dict of the tiny architecture (as open_clip or a fine-tuning script saves one).
     torch.save(load_model("tiny").state_dict(), root / "weights.pt")

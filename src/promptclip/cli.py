@@ -274,6 +274,12 @@ def cmd_train(args) -> int:
         raise ConfigError(f"preset {preset.name!r} is for method {preset.method!r}, not {args.method!r}")
     if preset.train is None:
         raise ConfigError(f"method {args.method!r} learns nothing; use `promptclip eval --method {args.method}`")
+    import dataclasses
+
+    from .data.description_options import check_descriptions, dataset_classes, with_descriptions
+
+    preset = dataclasses.replace(preset, method_config=with_descriptions(args, preset.method, preset.method_config))
+    check_descriptions(preset.method, preset.method_config, dataset_classes(args.dataset, args.root))
     from .captions.cli import check_captions, split_groups
 
     check_captions(args, preset.method, preset.method_config,
@@ -293,7 +299,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     _say(f"training {preset.method} ({preset.name}) on {splits.name} [{args.subsample}], {len(splits.train)} images, "
          f"{splits.num_classes} classes, seed {args.seed} -> {out}")
-    data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args))
+    data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args),
+                    views=method.train_views)
     result = fit(method, data, preset.train, out_dir=out, device=args.device, progress=not args.quiet,
                  backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, batch_order=batch_order,
                  trackers=tuple(args.log_to or ()))
@@ -320,6 +327,11 @@ def cmd_eval(args) -> int:
         backbone_name = backbone_name or meta["backbone"]["name"]
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
     splits.nonempty("test")  # data errors before any weights load
+    if args.descriptions:
+        from .data.description_options import check_descriptions, dataset_classes, with_descriptions
+
+        name = meta["method"] if args.adapter else args.method
+        check_descriptions(name, with_descriptions(args, name, {}), dataset_classes(args.dataset, args.root))
     backbone = _load_backbone(backbone_name or "ViT-B/16", args)
     if args.adapter:
         method = load_trained(_adapter_file(args.adapter), backbone, splits.classnames, splits.template)
@@ -376,7 +388,9 @@ def cmd_run(args) -> int:
     cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _method_map(args.preset),
                        _overrides(args), args.targets, adapters)  # every name and key checked before loading weights
     from .captions.cli import check_cells
+    from .data.description_options import check_cell_descriptions
 
+    cells = check_cell_descriptions(args, cells)  # --descriptions applied; every class described (before weights)
     check_cells(args, cells)  # methods that need per-image captions have them (before loading weights)
     check_grid_data(cells, args.root)  # every dataset and target loads and has images (before loading weights)
     if args.executor != "local":
@@ -600,6 +614,7 @@ def cmd_import(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .captions.cli import add_captions_option
     from .captions.cli import add_parser as add_captions_parser
+    from .data.description_options import add_descriptions_option
 
     common = _Parser(add_help=False)
     common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -650,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from an adapter's tensors (same method and shapes, e.g. from `promptclip import`) "
                         "instead of the method's initial values")
     add_captions_option(p)
+    add_descriptions_option(p)
     p.set_defaults(func=cmd_train)
 
     p = add("eval", "evaluate an adapter (or zero-shot CLIP) on a dataset's test split")
@@ -659,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(p, "default: the adapter's backbone")
     p.add_argument("--batch-size", type=int_at_least(1), default=100)
     add_captions_option(p)
+    add_descriptions_option(p)
     _add_feature_cache_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -680,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     add_captions_option(p)
+    add_descriptions_option(p)
     _add_feature_cache_option(p)
     cluster = p.add_argument_group("cluster (submitit; pip install \"promptclip[slurm]\")")
     cluster.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",

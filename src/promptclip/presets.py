@@ -252,6 +252,25 @@ def _per_dataset_preset(protocol: str, method: str, dataset: str) -> str:
     return specific if dataset and (PRESETS_DIR / f"{specific}.yaml").exists() else f"{method}/{stem}"
 
 
+def _all_dataset_names() -> list[str]:
+    from .data import list_datasets
+
+    return list_datasets()
+
+
+def _preset_dataset_names(dataset: str) -> list[str]:
+    """``dataset`` and the benchmark it samples (``eurosat-sample`` -> ``eurosat``: the same reference dataset)."""
+    if not dataset:
+        return []
+    from .data.specs import get_spec
+
+    try:
+        coop_name = get_spec(dataset).coop_name
+    except Exception:  # noqa: BLE001 - a folder:/csv: dataset or an unknown name has no benchmark of its own
+        return [dataset]
+    return [dataset, *(n for n in _all_dataset_names() if n != dataset and get_spec(n).coop_name == coop_name)]
+
+
 def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 16) -> str:
     """The official preset of ``method`` for a protocol (SPEC 2.4); ``dataset`` and ``shots`` pick per-dataset and
     per-shot variants (CoOp's epochs by shots, ImageNet's 50-epoch CoOp, PromptSRC's few-shot GPA)."""
@@ -284,10 +303,20 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
         shipped = get_method_class(method).presets
-        for key in (protocol, "default"):
+        candidates = sorted(p.stem for p in (PRESETS_DIR / method).glob("*.yaml"))
+        # Per-dataset presets ``<protocol>_<dataset>`` (a reference's per-dataset values, e.g. CoPrompt's
+        # constants.py) come first; the bundled sample counts as its full dataset.
+        names = _preset_dataset_names(dataset)
+        for key in (*(f"{protocol}_{d}" for d in names), protocol, "default"):
             if key in shipped:
                 return f"{method}/{key}"
-        candidates = sorted(p.stem for p in (PRESETS_DIR / method).glob("*.yaml"))
+            if key in candidates:
+                return f"{method}/{key}"
+        for d in names:  # no preset for the protocol: the dataset's preset of another protocol
+            per_dataset = [c for c in candidates if c.endswith(f"_{d}")]
+            if per_dataset:
+                return f"{method}/{per_dataset[0]}"
+        candidates = [c for c in candidates if not any(c.endswith(f"_{d}") for d in _all_dataset_names())]
         if not candidates:
             raise ConfigError(f"method {method!r} has no preset: pass --preset {method}=FILE.yaml (a YAML preset), or "
                               "give the class a `presets` mapping with a 'default' entry (docs/new-method.md)")

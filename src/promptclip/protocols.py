@@ -398,7 +398,8 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     if distributed.is_main():
         atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
     if cell.preset.train is not None and cell.adapter is None:
-        data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options)
+        data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options,
+                        views=method.train_views)
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
             backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch,
             trackers=options.trackers, run_name=describe(cell))
@@ -433,7 +434,9 @@ def _build_method(cell: Cell, backbone: Backbone, splits):
                          template=splits.template)
 
 
-def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOptions):
+def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOptions, views: int = 1):
+    """An image dataset of ``records``; ``views``: augmented views per training image (the method's
+    ``train_views``; evaluation always has one)."""
     from .clip.transforms import EvalTransform, TrainTransform
     from .data import ImageDataset
 
@@ -441,7 +444,7 @@ def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOp
     normalise = dict(mean=config.image_mean, std=config.image_std)  # the pixel statistics of the weights' training
     transform = TrainTransform(size, **normalise) if train else EvalTransform(size, **normalise)
     extras = options.extras(records) if options.extras is not None else None
-    return ImageDataset(records, transform, seed=seed, extras=extras)
+    return ImageDataset(records, transform, seed=seed, extras=extras, views=views if train else 1)
 
 
 def _evaluate(method, splits, backbone: Backbone, cell: Cell, options: RunOptions) -> EvalResult:

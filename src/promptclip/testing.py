@@ -82,10 +82,13 @@ def contract_backbone(seed: int = 11) -> CLIP:
 
 
 def make_batch(n: int = 4, seed: int = 0, image_size: int = 64, num_classes: int = len(CLASSES)) -> dict[str, Any]:
-    """A batch with every key a built-in method reads: ``image``, ``label``, ``caption``, ``index``."""
+    """A batch with every key a built-in method reads: ``image``, ``label``, ``caption``, ``index``, and
+    ``image_view2`` (a second view, for methods with ``train_views = 2``)."""
     g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, 3, image_size, image_size, generator=g)
     return {
-        "image": torch.randn(n, 3, image_size, image_size, generator=g),
+        "image": image,
+        "image_view2": image.flip(-1) + 0.1 * torch.randn(n, 3, image_size, image_size, generator=g),
         "label": torch.arange(n) % num_classes,
         "caption": [f"an aerial image with texture number {i}" for i in range(n)],
         "index": torch.arange(n),

@@ -36,9 +36,12 @@ log = logging.getLogger("promptclip.data")
 _SKIPPED_KEY = "__skipped__"
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample, mixed from (seed, epoch, index) with numpy's SeedSequence."""
+def sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
+    """A 63-bit seed for one sample, mixed from (seed, epoch, index) with numpy's SeedSequence; ``view`` > 0 (the
+    further augmented views of a multi-view dataset) mixes it in too, so view 0 keeps the single-view seed."""
     words = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch) & 0xFFFFFFFFFFFFFFFF, int(index) & 0xFFFFFFFFFFFFFFFF]
+    if view:
+        words.append(int(view) & 0xFFFFFFFFFFFFFFFF)
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     return ((int(state[0]) << 32) | int(state[1])) & 0x7FFFFFFFFFFFFFFF
 
@@ -68,6 +71,10 @@ class ImageDataset(Dataset):
     Items are dicts: ``image`` (the transform's output), ``label`` (int), ``index`` (position in ``records``),
     ``path``, plus one entry per key of ``extras``. An extra is either a sequence aligned with ``records`` or a
     mapping keyed by the record's ``path`` or ``relpath`` (e.g. MuGCP captions); a missing key is a :class:`DataError`.
+
+    ``views`` > 1 (methods with ``train_views``, e.g. CoPrompt): the image is transformed ``views`` times with
+    independent generators seeded from (seed, epoch, index, view); items then also hold ``image_view2`` ..
+    ``image_view{views}`` (``image`` is view 1, drawn exactly as in a single-view dataset).
     """
 
     def __init__(
@@ -77,7 +84,11 @@ class ImageDataset(Dataset):
         seed: int = 0,
         extras: Mapping[str, Sequence[Any] | Mapping[str, Any]] | None = None,
         on_error: str = "raise",
+        views: int = 1,
     ) -> None:
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise DataError(f"views must be a positive int, got {views!r}")
+        self.views = views
         if on_error not in ("raise", "skip"):
             raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not callable(transform):
@@ -89,7 +100,7 @@ class ImageDataset(Dataset):
         self.on_error = on_error
         self.extras: dict[str, Sequence[Any] | Mapping[str, Any]] = dict(extras or {})
         for key, values in self.extras.items():
-            if key in ("image", "label", "index", "path", _SKIPPED_KEY):
+            if key in ("image", "label", "index", "path", _SKIPPED_KEY) or key.startswith("image_view"):
                 raise DataError(f"extra key {key!r} clashes with a built-in field")
             if not isinstance(values, Mapping) and len(values) != len(self.records):
                 raise DataError(
@@ -103,8 +114,8 @@ class ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def generator_for(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+    def generator_for(self, index: int, view: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index, view))
 
     def _extra(self, key: str, index: int, rec: Record) -> Any:
         values = self.extras[key]
@@ -132,25 +143,39 @@ class ImageDataset(Dataset):
             if self.on_error == "raise":
                 raise
             return {_SKIPPED_KEY: SkippedSample(index, rec.path, str(e)), "index": index}
-        return {"image": self.transform(image, generator=self.generator_for(index)), **self.fields(index)}
+        item = {"image": self.transform(image, generator=self.generator_for(index))}
+        for view in range(1, self.views):
+            item[f"image_view{view + 1}"] = self.transform(image, generator=self.generator_for(index, view))
+        return {**item, **self.fields(index)}
 
 
 class TensorDataset(Dataset):
     """Images that are already tensors (preprocessed, normalised) with their labels, as batch-dict items:
-    ``image``, ``label``, ``index``. For data that does not come from files (replays, features, tests)."""
+    ``image``, ``label``, ``index``. For data that does not come from files (replays, features, tests).
 
-    def __init__(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> None:
+    ``extras``: more per-sample tensors ``[N, ...]`` under their own keys, e.g. ``image_view2`` (a second augmented
+    view, for methods with ``train_views = 2``)."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor,
+                 extras: Mapping[str, torch.Tensor] | None = None) -> None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
             raise DataError(f"TensorDataset needs images [N, 3, H, W] and labels [N], got {tuple(images.shape)} and "
                             f"{tuple(labels.shape)}")
         self.images, self.labels = images, labels
+        self.extras = dict(extras or {})
+        for key, values in self.extras.items():
+            if key in ("image", "label", "index") or len(values) != len(labels):
+                raise DataError(f"TensorDataset extra {key!r}: needs a key of its own and {len(labels)} rows, got "
+                                f"{len(values)}")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self.images[index], "label": int(self.labels[index]), "index": index}
+        item = {"image": self.images[index], "label": int(self.labels[index]), "index": index}
+        item.update({key: values[index] for key, values in self.extras.items()})
+        return item
 
 
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:

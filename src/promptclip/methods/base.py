@@ -5,7 +5,8 @@ and shared. The trainable state is whatever has ``requires_grad`` — never sele
 adapter file holds exactly those tensors.
 
 Batches are dicts: ``image`` ``[B, 3, H, W]``, ``label`` ``[B]`` (training), plus per-sample extras such as
-``caption``. Methods whose image features come from the frozen image tower unchanged (``frozen_image_features``)
+``caption``, and ``image_view2`` (a second augmented view, in training batches of methods with ``train_views = 2``).
+Methods whose image features come from the frozen image tower unchanged (``frozen_image_features``)
 may get ``image_features`` ``[B, D]`` instead of ``image`` at evaluation: the output of ``clip.encode_image`` for
 those images, read from the feature cache (:mod:`promptclip.features`).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -97,6 +98,14 @@ class PromptMethod(nn.Module):
     #: node, or a constant the reference hard-codes and a golden changes) that :meth:`config_from_reference` reads:
     #: whoever builds the config from a reference run passes them along with the trainer options, under these names.
     reference_cfg_keys: ClassVar[tuple[str, ...]] = ()
+    #: Augmented views of each training image the method trains on: with 2, training datasets built for it (protocols,
+    #: ``promptclip train``) yield ``image`` and ``image_view2``, two independent draws of the training augmentation
+    #: (each seeded from (seed, epoch, index, view), so reproducible and resume-safe); evaluation always has one view.
+    train_views: ClassVar[int] = 1
+    #: The config field holding class descriptions (a bundled set name or a JSON file, promptclip.data.descriptions),
+    #: or None for methods that use none. The CLI's ``--descriptions FILE`` sets that field, and every command checks
+    #: that each class has a description before any weight loads.
+    description_field: ClassVar[str | None] = None
     #: Presets shipped with the method (plugins; the built-in presets are YAML files in promptclip/presets/): preset
     #: name -> the preset's keys without ``method`` (``backbone``, ``method_config``, ``train``, ``eval``, ``source``)
     #: or the path of a YAML preset file (relative: to the file defining the class). Named ``<method>/<name>``; one
@@ -111,6 +120,7 @@ class PromptMethod(nn.Module):
         #: come from this generator, never from the global one: ``fit`` reseeds it at every epoch from the run's
         #: seed and the epoch, so a resumed run draws what an uninterrupted one draws.
         self.train_rng = random.Random(0)
+        self._train_draws: Iterator[int] | None = None
         if not self.supports_resnet and not backbone.is_vit:
             raise ConfigError(
                 f"method {self.name!r} inserts visual prompt tokens and needs a ViT backbone; "
@@ -239,6 +249,23 @@ class PromptMethod(nn.Module):
         """An optimizer of the method's own over ``groups`` (each with its ``lr`` set), or None (default) for the
         run's ``TrainConfig.optimizer`` (SGD, Adam or AdamW, as Dassl builds them)."""
         return None
+
+    def train_randint(self, low: int, high: int) -> int:
+        """A Python-random integer in ``low .. high`` (both included) drawn inside the training step: from
+        :attr:`train_rng`, or the next value given to :meth:`set_train_draws` while those last."""
+        if self._train_draws is not None:
+            value = next(self._train_draws, None)
+            if value is not None:
+                if not low <= int(value) <= high:
+                    raise ConfigError(f"a replayed draw is {value}, outside {low} .. {high}")
+                return int(value)
+            self._train_draws = None
+        return self.train_rng.randint(low, high)
+
+    def set_train_draws(self, values: Iterable[int] | None) -> None:
+        """Replay recorded draws (e.g. a reference run's ``random.randint`` values, for parity): the next calls of
+        :meth:`train_randint` return them in order, then draw from :attr:`train_rng` again. None: stop replaying."""
+        self._train_draws = iter([int(v) for v in values]) if values is not None else None
 
     def trainable_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Non-parameter tensors that training updates and the adapter must carry (e.g. BatchNorm running

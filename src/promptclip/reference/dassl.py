@@ -8,7 +8,8 @@ dict holds depends on what the trainer registered (:data:`LAYOUTS`):
   to it (``ctx``, ``text_prompt``);
 - MMA registers its adapter learner (``adapter_learner``): keys are relative to it (``text_adapter.5.up.weight``),
   with the fixed prompts' ``token_embedding`` and ``tokenized_prompts`` buffers (dropped and rebuilt);
-- MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
+- MaPLe and CoPrompt (``MultiModalPromptLearner``; CoPrompt adds ``adapter_*`` and its frozen teacher, a second
+  plain CLIP under ``model_distill.*``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
   ``image_encoder.VPT``), and the frozen CLIP is saved with them (PromptSRC: twice, ``prompt_learner.ZS_image_encoder``
   is a second image tower); MMRL and MMRL++ register their whole CustomCLIP as ``MultiModalRepresentationLearner``
@@ -71,6 +72,13 @@ def _clip_towers(key: str) -> str | None:
 def _promptsrc_towers(key: str) -> str | None:
     if key.startswith("prompt_learner.ZS_image_encoder."):  # the frozen teacher: the CLIP image tower once more
         return "visual." + key.removeprefix("prompt_learner.ZS_image_encoder.")
+    return _clip_towers(key)
+
+
+def _coprompt_towers(key: str) -> str | None:
+    """CoPrompt: MaPLe's towers, plus its frozen teacher ``model_distill.*``, a whole plain CLIP saved once more."""
+    if key.startswith("model_distill."):
+        return key.removeprefix("model_distill.")
     return _clip_towers(key)
 
 
@@ -227,6 +235,8 @@ LAYOUTS: dict[str, Layout] = {
                         default_preset="promptsrc/vit_b16_c2_ep20_batch4_4+4ctx"),
     "vpt": Layout("prompt_learner", "", _infer_vision, _clip_towers,
                   signature=(r"image_encoder\.VPT",), default_preset="vpt/vit_b16_c2_ep5_batch4_4"),
+    "coprompt": Layout("MultiModalPromptLearner", "", _infer_maple, _coprompt_towers,
+                       signature=(r"adapter_image\..*", r"adapter_text\..*"), default_preset="coprompt/base2novel"),
     "dcp": Layout("MultiModalPromptLearner", "", _infer_dcp, _cmpa_towers,
                   unused=(r"encoder\.resblocks\.\d+\.prompt_attn\..*",), signature=(r"prompt_learner\.prompts_visual",),
                   alias=_cmpa_alias, default_preset="dcp/vit_b16_c2_ep20_batch4_16ctx_reference"),
@@ -249,6 +259,7 @@ _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or mode
     ("mmrl", re.compile(r"(^|\.)compound_rep_tokens_r2[tv]proj\.")),
     ("mmrlpp", re.compile(r"(^|\.)srra_r2[tv]proj\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
+    ("coprompt", re.compile(r"^(adapter_image|adapter_text|model_distill)\.")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
     ("promptsrc", re.compile(r"ZS_image_encoder\.")),
     ("ivlp or promptsrc", re.compile(r"^text_encoder\..*VPT_shallow$")),
