@@ -151,7 +151,7 @@ def build_method(golden: Golden):
     """Our method for a golden: config from the reference's trainer options, the reference's initial values."""
     name = method_for(golden)
     cls = get_method_class(name)
-    config = cls.config_from_reference(golden.trainer_cfg)
+    config = cls.config_from_reference_cfg(golden.meta["cfg"])  # cfg.trainer, plus what the method reads elsewhere
     # The template the method is given: the one the golden records, else the dataset's (as a protocol run passes it).
     template = golden.meta.get("extra", {}).get("template_used") or CUSTOM_TEMPLATES.get(
         golden.meta["cfg"].get("dataset_name"))
@@ -248,7 +248,8 @@ def run_replay(name: str) -> Replay:
     init = {ref: params[ours].detach().clone() for ref, ours in name_map.items()}
     trajectory, cfg = golden.meta["trajectory"], golden.meta["cfg"]
     config = train_config_from_dassl(cfg["optim"], trajectory["batch_size"], max_epoch=trajectory["epochs"],
-                                     precision="fp32", seed=trajectory["order_seed"])
+                                     precision="fp32", seed=trajectory["order_seed"],
+                                     method_options=type(method).reference_optim_options)
     logits_init = _eval_logits(method, golden.tensors["input.eval_images"])
     steps: list[dict] = []
     epoch_params: list[dict[str, torch.Tensor]] = []
@@ -293,6 +294,11 @@ def trajectory_param_errors(ours: torch.Tensor, golden: torch.Tensor, init: torc
     return err, ratio(value_bar), move_ratio
 
 
+def step_lrs(record: dict) -> list[float]:
+    """Every parameter group's learning rate in a step record of ``fit`` (``lrs`` when there are several groups)."""
+    return list(record.get("lrs", [record["lr"]]))
+
+
 def steps_until(replay: Replay, epoch: int | None = None) -> int:
     """Optimizer steps of the golden run up to the end of ``epoch`` (None: the whole run)."""
     steps = replay.trajectory["steps"]
@@ -317,6 +323,8 @@ def trajectory_errors(replay: Replay) -> dict[str, float]:
     errors = {"lr": 0.0, "loss": 0.0}
     for ours, ref in zip(replay.steps, golden_steps, strict=True):
         errors["lr"] = max(errors["lr"], abs(ours["lr"] - ref["lr"]) / (1e-9 * ref["lr"]))
+        for mine, theirs in zip(step_lrs(ours), ref.get("lrs", []), strict=True) if "lrs" in ref else ():
+            errors["lr"] = max(errors["lr"], abs(mine - theirs) / (1e-9 * theirs))
         terms = replay.method.reference_loss_terms(ours) | {"acc": ours["acc"], "loss": ours["loss"]}
         for key, value in ({"loss": ref["loss"]} | ref.get("terms", {})).items():
             errors["loss"] = max(errors["loss"], scalar_error(terms[key], value))

@@ -5,6 +5,7 @@ run validated), each ``torch.save({"state_dict", "epoch", "optimizer", "schedule
 dict holds depends on what the trainer registered (:data:`LAYOUTS`):
 
 - CoOp, CoCoOp and KgCoOp register their prompt learner (``prompt_learner``): keys are relative to it (``ctx``);
+- DePT registers its whole model (``PromptLearner`` over CoOp, ``MultiModalPromptLearner`` over MaPLe);
 - MaPLe (``MultiModalPromptLearner``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
   ``image_encoder.VPT``), and the frozen CLIP is saved with them (PromptSRC: twice, ``prompt_learner.ZS_image_encoder``
@@ -185,6 +186,13 @@ LAYOUTS: dict[str, Layout] = {
                         default_preset="promptsrc/vit_b16_c2_ep20_batch4_4+4ctx"),
     "vpt": Layout("prompt_learner", "", _infer_vision, _clip_towers,
                   signature=(r"image_encoder\.VPT",), default_preset="vpt/vit_b16_c2_ep5_batch4_4"),
+    # DePT registers its whole model (CoOp host: "PromptLearner", MaPLe host: "MultiModalPromptLearner"); keys are
+    # the model's, with the FiLM maps and head beside the host's prompts (tests/golden/methods/dept.md).
+    "dept_coop": Layout("PromptLearner", "", _infer_coop, _clip_towers, signature=(r"film_lp_img\.scale",),
+                        set_by_ctx_init=("n_ctx",), default_preset="dept_coop/vit_b16_ep10_bs4_lr35"),
+    "dept_maple": Layout("MultiModalPromptLearner", "", _infer_maple, _clip_towers,
+                         signature=(r"film_lp_img\.scale", r"prompt_learner\.proj\..*"),
+                         default_preset="dept_maple/vit_b16_c2_ep10_batch4_2ctx"),
     "dcp": Layout("MultiModalPromptLearner", "", _infer_dcp, _cmpa_towers,
                   unused=(r"encoder\.resblocks\.\d+\.prompt_attn\..*",), signature=(r"prompt_learner\.prompts_visual",),
                   alias=_cmpa_alias, default_preset="dcp/vit_b16_c2_ep20_batch4_16ctx_reference"),
@@ -192,6 +200,7 @@ LAYOUTS: dict[str, Layout] = {
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
 _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or model-level (``prompt_learner.ctx``)
+    ("dept (dept_coop or dept_maple)", re.compile(r"^(film_lp_(img|text)|linear_probe_proj)\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
     ("promptsrc", re.compile(r"ZS_image_encoder\.")),
