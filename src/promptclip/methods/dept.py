@@ -1,5 +1,7 @@
-"""DePT (Zhang et al., CVPR 2024): Decoupled Prompt Tuning, a channel-wise re-weighted linear head on top of a host
-prompt learner (``dept_coop``: CoOp, ``dept_maple``: MaPLe).
+"""DePT (Zhang et al., CVPR 2024): a FiLM-mapped linear head beside a host's prompts (dept_coop, dept_maple).
+
+Decoupled Prompt Tuning adds a channel-wise re-weighted linear head to a host prompt learner (``dept_coop``: CoOp,
+``dept_maple``: MaPLe). The reference's CoCoOp and KgCoOp hosts are not offered (docs/methods/dept.md).
 
 Written from the paper and the method card (tests/golden/methods/dept.md); the reference implementation
 (Koorye/DePT) is GPL-2.0 and was only run as an oracle to produce the parity goldens: nothing of it is used here.
