@@ -5,6 +5,7 @@ the comparisons fail when a mechanism is turned off. Everything is read from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from promptclip.config import from_dict
 from promptclip.errors import ConfigError
 from promptclip.methods import EvalContext, PromptMethod, create_method, get_method_class
 from promptclip.methods.dept import DePT
+from promptclip.presets import load_preset
 from promptclip.reference import LAYOUTS, find_checkpoint, load_into_method, read_checkpoint
 from promptclip.train import TrainConfig, make_optimizer, train_config_from_dassl
 
@@ -261,8 +263,10 @@ def test_cli_import_of_the_dept_coop_checkpoint_evaluates_base_and_novel(tmp_pat
     optimizer = torch.load(GOLDEN_DIR / meta["registered_model"]["file"], weights_only=False)["optimizer"]
     assert len(optimizer["param_groups"]) == 2  # DePT's staged learning rates, as the card says
     out = tmp_path / "imported"
-    config = build_method(golden)[0].config
-    sets = [f"method_config.{k}={v}" for k, v in (("n_ctx", config.n_ctx), ("lp_weight", config.lp_weight))]
+    config = build_method(golden)[0].config  # the golden run's config: set what differs from the preset's
+    preset = from_dict(type(config), load_preset(LAYOUTS["dept_coop"].default_preset).method_config)
+    sets = [f"method_config.{f.name}={json.dumps(getattr(config, f.name))}" for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(preset, f.name)]
     argv = ["import", str(folder), "--out", str(out), "--backbone", "golden-mini", "--quiet", "--method", "dept_coop",
             "--classnames", ",".join(golden.classnames), *[a for s in sets for a in ("--set", s)]]
     assert main(argv) == 0
