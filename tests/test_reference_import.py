@@ -532,9 +532,10 @@ def test_cli_import_errors_are_one_paragraph(tmp_path, capsys):
     evil = tmp_path / "evil" / "prompt_learner" / "model.pth.tar-1"
     evil.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "epoch": 1, "scheduler": _RunsShell(tmp_path / "ran")}, evil)
+    savers = ", ".join(m for m, layout in LAYOUTS.items() if layout.registered_name == "MultiModalPromptLearner")
     cases = [
         (GOLDEN_DIR / "maple.dassl", ["--method", "dcp"], "looks like a checkpoint of maple"),
-        (GOLDEN_DIR / "maple.dassl", ["--method", "ivlp"], "is where maple, dcp save"),
+        (GOLDEN_DIR / "maple.dassl", ["--method", "ivlp"], f"is where {savers} save"),
         (tmp_path / "no_checkpoint", ["--method", "coop"], "no Dassl checkpoint in"),
         (empty, ["--method", "coop"], "is empty"),
         (truncated, ["--method", "coop"], "truncated or corrupt"),
