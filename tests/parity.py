@@ -152,13 +152,7 @@ def build_method(golden: Golden):
     """Our method for a golden: config from the reference's trainer options, the reference's initial values."""
     name = method_for(golden)
     cls = get_method_class(name)
-    # The trainer options, and the entries of the golden's cfg outside them that the method reads (reference_cfg_keys).
-    options = dict(golden.trainer_cfg)
-    options.update({key: golden.meta["cfg"][key] for key in cls.reference_cfg_keys if key in golden.meta["cfg"]})
-    # Options a trainer reads from TRAINER itself, outside its own node (CoPrompt's TRAINER.W / TRAINER.DISTILL).
-    full = golden.meta["cfg"].get("trainer_full", {})
-    options.update({k: full[k] for k in getattr(cls, "REFERENCE_TRAINER_LEVEL_KEYS", ()) if k in full})
-    config = cls.config_from_reference(options)
+    config = cls.config_from_reference_cfg(golden.meta["cfg"])  # cfg.trainer, plus what the method reads elsewhere
     # The template the method is given: the one the golden records, else the dataset's (as a protocol run passes it).
     template = golden.meta.get("extra", {}).get("template_used") or CUSTOM_TEMPLATES.get(
         golden.meta["cfg"].get("dataset_name"))
@@ -272,7 +266,8 @@ def run_replay(name: str) -> Replay:
     # An Adam eps other than torch's default (a reference that edits Dassl's build_optimizer) is recorded in cfg.
     eps = {"adam_eps": float(cfg["adam_eps"])} if "adam_eps" in cfg else {}
     config = train_config_from_dassl(cfg["optim"], trajectory["batch_size"], max_epoch=trajectory["epochs"],
-                                     precision="fp32", seed=trajectory["order_seed"], **eps)
+                                     precision="fp32", seed=trajectory["order_seed"], **eps,
+                                     method_options=type(method).reference_optim_options)
     logits_init = _eval_logits(method, golden.tensors["input.eval_images"])
     steps: list[dict] = []
     epoch_params: list[dict[str, torch.Tensor]] = []
@@ -349,6 +344,11 @@ def epoch_floors(replay: Replay, epoch: int) -> dict[str, torch.Tensor]:
     return replay.epoch_floors[epoch] if replay.epoch_floors else {}
 
 
+def step_lrs(record: dict) -> list[float]:
+    """Every parameter group's learning rate in a step record of ``fit`` (``lrs`` when there are several groups)."""
+    return list(record.get("lrs", [record["lr"]]))
+
+
 def steps_until(replay: Replay, epoch: int | None = None) -> int:
     """Optimizer steps of the golden run up to the end of ``epoch`` (None: the whole run)."""
     steps = replay.trajectory["steps"]
@@ -373,6 +373,11 @@ def trajectory_errors(replay: Replay) -> dict[str, float]:
     errors = {"lr": 0.0, "loss": 0.0}
     for ours, ref in zip(replay.steps, golden_steps, strict=True):
         errors["lr"] = max(errors["lr"], abs(ours["lr"] - ref["lr"]) / (1e-9 * ref["lr"]))
+        if "lrs" in ref and len(step_lrs(ours)) != len(ref["lrs"]):  # another number of parameter groups
+            errors["lr"] = float("inf")
+        elif "lrs" in ref:
+            for mine, theirs in zip(step_lrs(ours), ref["lrs"], strict=True):
+                errors["lr"] = max(errors["lr"], abs(mine - theirs) / (1e-9 * theirs))
         terms = replay.method.reference_loss_terms(ours) | {"acc": ours["acc"], "loss": ours["loss"]}
         for key, value in ({"loss": ref["loss"]} | ref.get("terms", {})).items():
             errors["loss"] = max(errors["loss"], scalar_error(terms[key], value))

@@ -17,6 +17,7 @@ from parity import (
     logits_error,
     replay_trajectory,
     scalar_error,
+    step_lrs,
     steps_until,
     stored_part,
     trajectory_golden_names,
@@ -49,6 +50,12 @@ def test_every_step_has_the_reference_lr_loss_and_terms(replay):
         assert (ours["epoch"] - 1, ours["batch"] - 1, ours["step"] - 1) == (ref["epoch"], ref["batch_idx"],
                                                                             ref["step"]), where
         assert abs(ours["lr"] - ref["lr"]) <= 1e-9 * ref["lr"], f"{where}: lr {ours['lr']} vs {ref['lr']}"
+        if "lrs" in ref:  # one rate per parameter group (e.g. DePT's staged learning rates)
+            mine = step_lrs(ours)
+            assert len(mine) == len(ref["lrs"]), f"{where}: {len(mine)} parameter groups, the reference has " \
+                                                 f"{len(ref['lrs'])}"
+            for group, (a, b) in enumerate(zip(mine, ref["lrs"], strict=True)):
+                assert abs(a - b) <= 1e-9 * b, f"{where}: group {group} lr {a} vs {b}"
         assert scalar_error(ours["loss"], ref["loss"]) <= 1, f"{where}: loss {ours['loss']} vs {ref['loss']}"
         terms = replay.method.reference_loss_terms(ours)
         for key, value in ref.get("terms", {}).items():

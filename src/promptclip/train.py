@@ -139,17 +139,19 @@ _DASSL_FIXED = {"LR_SCHEDULER": "cosine", "WARMUP_TYPE": "constant", "STAGED_LR"
 _DASSL_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def train_config_from_dassl(optim: Mapping[str, Any], batch_size: int, **overrides: Any) -> TrainConfig:
+def train_config_from_dassl(optim: Mapping[str, Any], batch_size: int, method_options: Sequence[str] = (),
+                            **overrides: Any) -> TrainConfig:
     """Our TrainConfig for a Dassl run: its ``cfg.OPTIM`` (as a dict) and ``DATALOADER.TRAIN_X.BATCH_SIZE``.
 
     ``overrides`` set other TrainConfig fields (precision, seed, ...). An optimizer, scheduler or warm-up that the
-    engine does not implement is a :class:`ConfigError` naming the option."""
+    engine does not implement is a :class:`ConfigError` naming the option. ``method_options``: ``OPTIM`` keys the
+    method's own config maps (its ``reference_optim_options``, e.g. DePT's ``STAGED_LR``), not checked here."""
     from .errors import ConfigError
 
     for key, expected in _DASSL_FIXED.items():
         if key == "WARMUP_TYPE" and int(optim.get("WARMUP_EPOCH", 0)) == 0:
             continue  # no warm-up epoch: its type plays no part (MMA's config keeps Dassl's default "linear")
-        if key in optim and optim[key] != expected:
+        if key in optim and optim[key] != expected and key not in method_options:
             raise ConfigError(f"Dassl option OPTIM.{key}={optim[key]!r} is not supported (promptclip trains with "
                               f"{key}={expected!r})")
     name = optim.get("NAME", "sgd")
@@ -215,7 +217,8 @@ def make_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
         if any(id(p) in seen for p in params) or any(id(p) not in trainable for p in params):
             raise PromptClipError(f"method {method.name!r}: param_groups() must list trainable tensors, each once")
         seen.update(id(p) for p in params)
-        base_lr = float(group.pop("lr", config.lr)) * float(group.pop("lr_mult", 1.0))
+        lr = group.pop("lr", config.lr)
+        base_lr = float(lr(config.lr) if callable(lr) else lr) * float(group.pop("lr_mult", 1.0))
         groups.append({"params": params, "lr": base_lr, "base_lr": base_lr, **group})
     if seen != trainable:
         raise PromptClipError(f"method {method.name!r}: param_groups() leaves out trainable tensors")

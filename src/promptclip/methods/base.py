@@ -106,6 +106,12 @@ class PromptMethod(nn.Module):
     #: or None for methods that use none. The CLI's ``--descriptions FILE`` sets that field, and every command checks
     #: that each class has a description before any weight loads.
     description_field: ClassVar[str | None] = None
+    #: Dassl ``OPTIM`` options that the method's own config maps (:meth:`config_from_reference_cfg` reads them, e.g.
+    #: DePT's staged learning rates): :func:`promptclip.train.train_config_from_dassl` leaves them to the method.
+    reference_optim_options: ClassVar[tuple[str, ...]] = ()
+    #: Entries of the whole ``TRAINER`` node outside the method's own (a golden's ``cfg.trainer_full``: CoPrompt's
+    #: ``W`` and ``DISTILL``) that :meth:`config_from_reference` reads, passed along with the trainer options.
+    reference_trainer_keys: ClassVar[tuple[str, ...]] = ()
     #: Presets shipped with the method (plugins; the built-in presets are YAML files in promptclip/presets/): preset
     #: name -> the preset's keys without ``method`` (``backbone``, ``method_config``, ``train``, ``eval``, ``source``)
     #: or the path of a YAML preset file (relative: to the file defining the class). Named ``<method>/<name>``; one
@@ -240,7 +246,8 @@ class PromptMethod(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups: dicts with ``params`` (trainable tensors, together every trainable tensor
-        exactly once) and optionally ``lr`` (the group's base learning rate, in place of the run's ``lr``) or
+        exactly once) and optionally ``lr`` (the group's base learning rate, in place of the run's ``lr``; or a
+        function of the run's ``lr`` returning it, for a rate derived from it in a given float order) or
         ``lr_mult`` (a factor on it); other keys are passed to the optimizer. The schedule (warm-up, cosine) applies
         to every group's base rate. Default: one group of every trainable tensor."""
         return [{"params": [p for _, p in self.named_trainable()]}]
@@ -336,6 +343,20 @@ class PromptMethod(nn.Module):
         """Our config for a reference run's trainer options (``cfg.TRAINER.<NAME>`` of its Dassl config), plus the
         run's config entries named by :attr:`reference_cfg_keys` (under those names) where it has them."""
         raise NotImplementedError(f"{cls.name} has no reference implementation")
+
+    @classmethod
+    def config_from_reference_cfg(cls, cfg: Mapping[str, Any]) -> Any:
+        """Our config for a reference run as a golden records its Dassl config: ``trainer`` (the method's
+        ``cfg.TRAINER.<NAME>`` node), ``trainer_full`` (the whole ``TRAINER`` node, where a golden has it), ``optim``
+        (``cfg.OPTIM``), ``dataset_name``. Default: :meth:`config_from_reference` of ``trainer``; methods with options
+        outside their trainer node (DePT's linear-probe head and staged learning rates) override this; entries named by
+        :attr:`reference_cfg_keys` (of ``cfg``) and :attr:`reference_trainer_keys` (of ``trainer_full``) are passed
+        along with the trainer options."""
+        options = dict(cfg["trainer"])
+        options.update({key: cfg[key] for key in cls.reference_cfg_keys if key in cfg})
+        full = cfg.get("trainer_full", {})
+        options.update({key: full[key] for key in cls.reference_trainer_keys if key in full})
+        return cls.config_from_reference(options)
 
     def reference_name_map(self) -> dict[str, str]:
         """Reference parameter name (as its ``named_parameters()`` spells it) → our parameter name."""

@@ -100,7 +100,7 @@ class CoPrompt(MaPLe):
     #: ``cfg.TRAINER.CoPrompt`` keys, plus the TRAINER-level ``W`` and ``DISTILL`` (outside the trainer's node).
     REFERENCE_KEYS: ClassVar[set[str]] = {"N_CTX", "CTX_INIT", "PROMPT_DEPTH", "W", "DISTILL"}
     #: The TRAINER-level options (outside ``cfg.TRAINER.CoPrompt``) that config_from_reference also reads.
-    REFERENCE_TRAINER_LEVEL_KEYS: ClassVar[tuple[str, ...]] = ("W", "DISTILL")
+    reference_trainer_keys: ClassVar[tuple[str, ...]] = ("W", "DISTILL")
 
     def __init__(self, backbone, config: CoPromptConfig, classnames, template=None):
         self._description_features: torch.Tensor | None = None

@@ -24,14 +24,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     description = (
         "Import a checkpoint written by a reference repository's Dassl trainer (CoOp, CoCoOp, KgCoOp, MaPLe, IVLP, "
-        "VPT, PromptSRC, CMPA/DCP: <output dir>/<registered name>/model.pth.tar-N) as a promptclip adapter, which "
-        "eval, predict, run --adapter and train --init-adapter then use. The file is read without running code from "
-        "it. The released checkpoints of these papers are for ViT-B/16 with OpenAI's weights (the default backbone).")
+        "VPT, PromptSRC, CMPA/DCP, DePT: <output dir>/<registered name>/model.pth.tar-N) as a promptclip adapter, "
+        "which eval, predict, run --adapter and train --init-adapter then use. The file is read without running code "
+        "from it. The released checkpoints of these papers are for ViT-B/16 with OpenAI's weights (the default "
+        "backbone).")
     p = sub.add_parser("import", parents=[common], help="a reference Dassl checkpoint -> a promptclip adapter",
                        description=description)
     p.add_argument("source", help="a checkpoint file (model.pth.tar-N, model-best.pth.tar) or a Dassl output folder")
     p.add_argument("--method", required=True,
-                   help="the method that wrote it: coop, cocoop, kgcoop, maple, ivlp, vpt, promptsrc or dcp (CMPA)")
+                   help="the method that wrote it: coop, cocoop, kgcoop, maple, ivlp, vpt, promptsrc, dcp (CMPA), "
+                        "dept_coop or dept_maple")
     p.add_argument("--out", required=True, type=output_location(),
                    help="folder for adapter.safetensors + adapter.json")
     p.add_argument("--epoch", help="N for model.pth.tar-N, best for model-best.pth.tar (default: the latest epoch)")

@@ -8,6 +8,7 @@ dict holds depends on what the trainer registered (:data:`LAYOUTS`):
   to it (``ctx``, ``text_prompt``);
 - MMA registers its adapter learner (``adapter_learner``): keys are relative to it (``text_adapter.5.up.weight``),
   with the fixed prompts' ``token_embedding`` and ``tokenized_prompts`` buffers (dropped and rebuilt);
+- DePT registers its whole model (``PromptLearner`` over CoOp, ``MultiModalPromptLearner`` over MaPLe);
 - MaPLe and CoPrompt (``MultiModalPromptLearner``; CoPrompt adds ``adapter_*`` and its frozen teacher, a second
   plain CLIP under ``model_distill.*``), IVLP and PromptSRC (``VLPromptLearner``), VPT (``prompt_learner``) and
   CMPA/DCP (``MultiModalPromptLearner``) register the whole model: keys are the model's (``prompt_learner.ctx``,
@@ -237,6 +238,13 @@ LAYOUTS: dict[str, Layout] = {
                   signature=(r"image_encoder\.VPT",), default_preset="vpt/vit_b16_c2_ep5_batch4_4"),
     "coprompt": Layout("MultiModalPromptLearner", "", _infer_maple, _coprompt_towers,
                        signature=(r"adapter_image\..*", r"adapter_text\..*"), default_preset="coprompt/base2novel"),
+    # DePT registers its whole model (CoOp host: "PromptLearner", MaPLe host: "MultiModalPromptLearner"); keys are
+    # the model's, with the FiLM maps and head beside the host's prompts (tests/golden/methods/dept.md).
+    "dept_coop": Layout("PromptLearner", "", _infer_coop, _clip_towers, signature=(r"film_lp_img\.scale",),
+                        set_by_ctx_init=("n_ctx",), default_preset="dept_coop/vit_b16_ep10_bs4_lr35"),
+    "dept_maple": Layout("MultiModalPromptLearner", "", _infer_maple, _clip_towers,
+                         signature=(r"film_lp_img\.scale", r"prompt_learner\.proj\..*"),
+                         default_preset="dept_maple/vit_b16_c2_ep10_batch4_2ctx"),
     "dcp": Layout("MultiModalPromptLearner", "", _infer_dcp, _cmpa_towers,
                   unused=(r"encoder\.resblocks\.\d+\.prompt_attn\..*",), signature=(r"prompt_learner\.prompts_visual",),
                   alias=_cmpa_alias, default_preset="dcp/vit_b16_c2_ep20_batch4_16ctx_reference"),
@@ -258,6 +266,7 @@ LAYOUTS: dict[str, Layout] = {
 _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or model-level (``prompt_learner.ctx``)
     ("mmrl", re.compile(r"(^|\.)compound_rep_tokens_r2[tv]proj\.")),
     ("mmrlpp", re.compile(r"(^|\.)srra_r2[tv]proj\.")),
+    ("dept (dept_coop or dept_maple)", re.compile(r"^(film_lp_(img|text)|linear_probe_proj)\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
     ("coprompt", re.compile(r"^(adapter_image|adapter_text|model_distill)\.")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
