@@ -225,7 +225,11 @@ _BASE_PRESETS = {
     "promptsrc": "promptsrc/vit_b16_c2_ep20_batch4_4+4ctx",
     "dcp": "dcp/vit_b16_c2_ep20_batch4_16ctx",
     "mugcp": "mugcp/inferred_vit_b16_ep5_batch4_4ctx",  # INFERRED design and recipe (docs/mugcp.md)
+    "promptkd": "promptkd/vit_b16_c2_ep20_batch8_4+4ctx",
 }
+
+#: Datasets whose PromptKD base-to-novel runs use KD weight 200 (scripts/promptkd/base2new_train.sh); the others 1000.
+_PROMPTKD_KD200 = {"fgvc_aircraft", "oxford_flowers", "dtd"}
 
 
 def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 16) -> str:
@@ -244,7 +248,10 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if method == "promptsrc" and protocol == "fewshot":
         gpa = "gpa30_30" if dataset in _PROMPTSRC_GPA30 else "gpa45_5"
         return f"promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_{gpa}"
-    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
+    if method == "promptkd" and protocol == "base2novel" and dataset in _PROMPTKD_KD200:
+        return "promptkd/vit_b16_c2_ep20_batch8_4+4ctx_kd200"
+    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp",
+                                                                             "promptkd"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
         shipped = get_method_class(method).presets

@@ -45,7 +45,9 @@ class FrozenWeightsWarning(UserWarning):
 BEST_FILE = "model-best.pth.tar"
 EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
 #: Class-dependent buffers: rebuilt from the class names (the reference's ``load_model`` deletes them too).
-CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix")
+CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix",
+                 # PromptKD's teacher prompt learner splits them at ceil(n/2) in base-to-novel runs.
+                 "token_prefix2", "token_suffix2")
 
 
 # -- what each trainer saves -----------------------------------------------------------------------------------------
@@ -168,6 +170,10 @@ class Layout:
     default_preset: str = ""
 
 
+def _infer_promptkd(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return _infer_vision(t)
+
+
 LAYOUTS: dict[str, Layout] = {
     "coop": Layout("prompt_learner", "prompt_learner.", _infer_coop, set_by_ctx_init=("n_ctx",),
                    default_preset="coop/vit_b16"),
@@ -188,10 +194,14 @@ LAYOUTS: dict[str, Layout] = {
     "dcp": Layout("MultiModalPromptLearner", "", _infer_dcp, _cmpa_towers,
                   unused=(r"encoder\.resblocks\.\d+\.prompt_attn\..*",), signature=(r"prompt_learner\.prompts_visual",),
                   alias=_cmpa_alias, default_preset="dcp/vit_b16_c2_ep20_batch4_16ctx_reference"),
+    # The student only (its image tower, prompts, projector with its BatchNorm statistics): the teacher is not saved.
+    "promptkd": Layout("VLPromptLearner", "", _infer_promptkd, _clip_towers, signature=(r"VPT_image_trans\..*",),
+                       default_preset="promptkd/vit_b16_c2_ep20_batch8_4+4ctx"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
 _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or model-level (``prompt_learner.ctx``)
+    ("promptkd", re.compile(r"^VPT_image_trans\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
     ("promptsrc", re.compile(r"ZS_image_encoder\.")),
@@ -406,7 +416,9 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
     inferred = check_config(checkpoint, method.name, method.config)
     tensors = reference_tensors(checkpoint, layout)
     name_map = method.reference_name_map()
+    buffer_map = method.reference_buffer_map()
     params = dict(method.named_trainable())
+    trained_buffers = dict(method.trainable_buffers())
     backbone = method.clip.state_dict()
 
     imported: dict[str, torch.Tensor] = {}
@@ -421,6 +433,12 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
                 shapes.append(f"{key} is {value.dtype}, not a floating-point tensor")
             else:
                 imported[name_map[key]] = value.detach().to(torch.float32).clone()
+        elif key in buffer_map:  # trained statistics (BatchNorm), in the buffer's own dtype
+            ours = trained_buffers[buffer_map[key]]
+            if tuple(value.shape) != tuple(ours.shape):
+                shapes.append(f"{key} has shape {list(value.shape)}, the method expects {list(ours.shape)}")
+            else:
+                imported[buffer_map[key]] = value.detach().to(ours.dtype).clone()
         elif key.rsplit(".", 1)[-1] in CLASS_BUFFERS:
             buffers.append(key)
         elif layout.alias(key) in name_map:
@@ -434,7 +452,7 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
                 frozen.differing.append((key, reason))
         else:
             unexpected.append(key)
-    missing = [key for key in name_map if key not in tensors]
+    missing = [key for key in (*name_map, *buffer_map) if key not in tensors]
     absent_signature = [p for p in layout.signature if not any(re.fullmatch(p, k) for k in tensors)]
     if unexpected or missing or absent_signature:
         problems = []
@@ -454,8 +472,8 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
 
     report = ImportReport(
         file=str(checkpoint.path), sha256=checkpoint.sha256, epoch=checkpoint.epoch,
-        registered_name=layout.registered_name, method=method.name, tensors={k: name_map[k] for k in tensors
-                                                                             if k in name_map},
+        registered_name=layout.registered_name, method=method.name,
+        tensors={k: {**name_map, **buffer_map}[k] for k in tensors if k in name_map or k in buffer_map},
         saved_dtypes=sorted({str(tensors[k].dtype).removeprefix("torch.") for k in tensors if k in name_map}),
         inferred=inferred, dropped_buffers=sorted(buffers), skipped_unused=sorted(unused), frozen=frozen,
         saved_classes=_saved_classes(tensors, buffers))
