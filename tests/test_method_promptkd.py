@@ -449,20 +449,40 @@ class Unlabeled(get_method_class("coop")):
         return logits, {"loss": logits.logsumexp(dim=1).mean()}
 
 
-def test_protocol_trains_on_novel_images_unlabelled_and_marks_records_and_report(tmp_path, isolated_registry):
+SAMPLE = Path(__file__).resolve().parent.parent / "src" / "promptclip" / "data" / "sample" / "eurosat" / "2750"
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> str:
+    """``folder:PATH`` with 4 classes (2 base, 2 novel), 3 training and 2 test images each, from the bundled sample:
+    every training image of every class is 12 images (the CPU-bound tests stay quick)."""
+    import shutil
+
+    root = tmp_path / "small"
+    for name in ("Forest", "River", "Highway", "Industrial"):
+        images = sorted((SAMPLE / name).iterdir())[:5]
+        for split, chosen in (("train", images[:3]), ("test", images[3:])):
+            (root / split / name).mkdir(parents=True)
+            for image in chosen:
+                shutil.copy(image, root / split / name / image.name)
+    return f"folder:{root}"
+
+
+def test_protocol_trains_on_novel_images_unlabelled_and_marks_records_and_report(tmp_path, isolated_registry,
+                                                                                 small_dataset):
     from promptclip.protocols import make_cells, run_grid
     from promptclip.report import read_records, write_report
 
     register(Unlabeled)
     Unlabeled.seen = []
     backbone = build_random("tiny", seed=0)
-    cells = make_cells("base2novel", ["eurosat-sample"], ["toy_unlabeled", "coop"], [1], [2],
+    cells = make_cells("base2novel", [small_dataset], ["toy_unlabeled", "coop"], [1], [2],
                        presets={"coop": "coop/vit_b16_ep50"},
                        overrides=["train.max_epoch=1", "train.batch_size=32", "method_config.n_ctx=2",
                                   "method_config.ctx_init=''"])
     from promptclip.data import protocol_splits
 
-    novel = protocol_splits("eurosat-sample", None, num_shots=0, seed=1, subsample="new")
+    novel = protocol_splits(small_dataset, None, num_shots=0, seed=1, subsample="new")
     grid = run_grid(cells, Backbone(backbone, "tiny", backbone_fingerprint(backbone), True), tmp_path,
                     _quiet_options())
     novel_paths = {r.path for r in novel.train}
@@ -513,16 +533,18 @@ def test_the_teacher_file_is_part_of_the_run_identity(tmp_path):
 # -- the CLI: a tiny PromptSRC teacher, then PromptKD base-to-novel ----------------------------------------------------
 
 
-def test_cli_base2novel_with_a_trained_teacher(tmp_path):
+def test_cli_base2novel_with_a_trained_teacher(tmp_path, small_dataset):
+    """The same commands as on eurosat-sample (``promptclip train --method promptsrc ...``, then ``promptclip run
+    base2novel --methods promptkd --teacher ...``), on a 4-class folder dataset to keep the test quick."""
     from promptclip.cli import main
 
     teacher = tmp_path / "teacher"
     quick = ["--set", "train.max_epoch=1", "--set", "method_config.depth_text=2", "--set",
              "method_config.depth_vision=2", "--set", "method_config.gpa=false"]
-    assert main(["train", "--method", "promptsrc", "--dataset", "eurosat-sample", "--subsample", "base", "--shots",
+    assert main(["train", "--method", "promptsrc", "--dataset", small_dataset, "--subsample", "base", "--shots",
                  "2", "--backbone", "tiny", "--quiet", "--out", str(teacher), *quick]) == 0
     out = tmp_path / "b2n"
-    assert main(["run", "base2novel", "--methods", "promptkd", "--datasets", "eurosat-sample", "--seeds", "1",
+    assert main(["run", "base2novel", "--methods", "promptkd", "--datasets", small_dataset, "--seeds", "1",
                  "--backbone", "tiny", "--teacher", str(teacher), "--quiet", "--no-plots", "--out", str(out),
                  "--set", "train.max_epoch=1", "--set", "method_config.depth_vision=2"]) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
@@ -534,5 +556,5 @@ def test_cli_base2novel_with_a_trained_teacher(tmp_path):
     assert adapter["config"]["teacher"] == str((teacher / "adapter.safetensors").resolve())
     # eval of the student reloads its teacher from the adapter's config.
     run_dir = next((out / "runs").rglob("adapter.safetensors")).parent
-    assert main(["eval", "--adapter", str(run_dir), "--dataset", "eurosat-sample", "--subsample", "new",
+    assert main(["eval", "--adapter", str(run_dir), "--dataset", small_dataset, "--subsample", "new",
                  "--quiet"]) == 0

@@ -71,8 +71,13 @@ def golden_file(name: str, variant: str = "fp32") -> Path:
     return GOLDEN_DIR / (registered if variant == "fp32" else registered["fp16"])["file"]
 
 
+#: Importable methods without a checkpoint golden, and where their import is tested instead.
+TESTED_ELSEWHERE = {"dcp": "the CMPA fixture", "promptkd": "tests/test_method_promptkd.py (checkpoints built in the "
+                                                          "reference's layout; the card: no golden, ~8 MB)"}
+
+
 def test_every_method_with_a_reference_trainer_has_a_shipped_golden_or_the_dcp_fixture():
-    covered = {method_for(trajectory_of(dassl_meta(name))) for name in DASSL_GOLDENS} | {"dcp"}
+    covered = {method_for(trajectory_of(dassl_meta(name))) for name in DASSL_GOLDENS} | set(TESTED_ELSEWHERE)
     assert covered == set(LAYOUTS)
 
 
