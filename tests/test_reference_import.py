@@ -75,7 +75,7 @@ def golden_file(name: str, variant: str = "fp32") -> Path:
 
 #: Methods whose reference checkpoint golden is not shipped (too large): their import is tested on a checkpoint built in
 #: the reference's layout (DCP's here, the others in tests/test_method_<method>.py).
-BUILT_FIXTURES = {"dcp", "tcp", "mmrl", "mmrlpp"}
+BUILT_FIXTURES = {"dcp", "tcp", "mmrl", "mmrlpp", "promptkd"}
 
 
 def golden_config(name: str):

@@ -206,3 +206,56 @@ def _check_backbone(path: str | Path, meta: Mapping[str, Any], fingerprint: str 
             f"the loaded backbone has fingerprint {fingerprint}. Load the same backbone weights, with the same "
             f"activation and architecture (--gelu/--quick-gelu/--backbone-arch), which the fingerprint covers."
         )
+
+
+def teacher_adapter_path(path: str | Path) -> Path:
+    """The ``.safetensors`` of a teacher given as an adapter file (either of the pair) or a run directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "adapter.safetensors"
+    return adapter_paths(path)[0]
+
+
+def teacher_digest(path: str | Path) -> str:
+    """sha256 of a teacher adapter's tensors and metadata (what a run's config hash records of its teacher)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in adapter_paths(teacher_adapter_path(path)):
+        if not part.exists():
+            raise AdapterError(f"teacher adapter file {part} does not exist (an adapter is a .safetensors + .json "
+                               "pair, or a run directory holding adapter.safetensors)")
+        digest.update(part.read_bytes())
+    return digest.hexdigest()
+
+
+def load_teacher(path: str | Path, backbone=None, backbone_fingerprint: str | None = None):
+    """A trained adapter as a frozen teacher (:attr:`promptclip.methods.PromptMethod.uses_teacher`): the adapter's
+    method on the backbone its metadata names (loaded here unless ``backbone`` is given), every tensor frozen, in eval
+    mode. The loaded backbone must have the fingerprint the adapter records. Its class names are the adapter's until
+    the student sets its own."""
+    tensors_path = teacher_adapter_path(path)
+    meta, _ = read_adapter(tensors_path)
+    check_method_available(meta, tensors_path)
+    if backbone is None:
+        name = meta["backbone"].get("name")
+        if not name:
+            raise AdapterError(f"teacher adapter {tensors_path} does not name its backbone")
+        loaded = _teacher_backbone(str(name))
+        backbone, backbone_fingerprint = loaded.model, loaded.fingerprint
+    teacher = load_adapter(tensors_path, backbone, backbone_fingerprint=backbone_fingerprint)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+_TEACHER_BACKBONES: dict[str, Any] = {}
+
+
+def _teacher_backbone(name: str):
+    """A teacher's backbone by name, loaded once per process (a grid's cells share it; it is frozen)."""
+    if name not in _TEACHER_BACKBONES:
+        from .api import load_backbone
+
+        _TEACHER_BACKBONES.clear()  # one at a time: a large teacher tower is big
+        _TEACHER_BACKBONES[name] = load_backbone(name, progress=False)
+    return _TEACHER_BACKBONES[name]

@@ -258,7 +258,6 @@ def _list_backbones() -> None:
 
 def cmd_train(args) -> int:
     from .checkpoint import save_adapter
-    from .data import protocol_splits
     from .presets import apply_overrides, default_preset, load_preset
     from .protocols import _dataset
     from .train import fit
@@ -272,6 +271,12 @@ def cmd_train(args) -> int:
                                                                         args.shots)), _overrides(args))
     if preset.method != args.method:
         raise ConfigError(f"preset {preset.name!r} is for method {preset.method!r}, not {args.method!r}")
+    if args.teacher:
+        from .protocols import _uses_teacher, _with_teacher
+
+        if not _uses_teacher(preset.method):
+            raise ConfigError(f"--teacher: method {preset.method!r} does not distil a teacher")
+        preset = _with_teacher(preset, args.teacher, args.dataset, args.seed, args.shots)
     if preset.train is None:
         raise ConfigError(f"method {args.method!r} learns nothing; use `promptclip eval --method {args.method}`")
     import dataclasses
@@ -284,8 +289,13 @@ def cmd_train(args) -> int:
 
     check_captions(args, preset.method, preset.method_config,
                    split_groups(args, args.dataset, "train", args.shots, args.seed, args.subsample))
-    splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
+    from .protocols import training_splits
+
+    splits, labeled = training_splits(preset.method, args.dataset, args.root, args.shots, args.seed, args.subsample)
     splits.nonempty("train")  # data errors before any weights load
+    if not labeled:
+        _say(f"{preset.method} trains on every training image of every class, without labels (--shots and "
+             "--subsample do not apply to its training data)")
     backbone = _load_backbone(args.backbone or preset.backbone, args)
     from .methods import create_method
 
@@ -300,7 +310,7 @@ def cmd_train(args) -> int:
     _say(f"training {preset.method} ({preset.name}) on {splits.name} [{args.subsample}], {len(splits.train)} images, "
          f"{splits.num_classes} classes, seed {args.seed} -> {out}")
     data = _dataset(splits.train, backbone, train=True, seed=args.seed, options=_options(args),
-                    views=method.train_views)
+                    views=method.train_views, labels=labeled)
     result = fit(method, data, preset.train, out_dir=out, device=args.device, progress=not args.quiet,
                  backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, batch_order=batch_order,
                  trackers=tuple(args.log_to or ()))
@@ -385,8 +395,9 @@ def cmd_run(args) -> int:
 
     shots = args.shots or default_shots(args.protocol)
     adapters = _method_map(args.adapter, "--adapter", "METHOD=PATH (e.g. maple=imported/{dataset}/seed{seed})")
+    # every name and key checked before loading weights
     cells = make_cells(args.protocol, args.datasets, args.methods, args.seeds, shots, _method_map(args.preset),
-                       _overrides(args), args.targets, adapters)  # every name and key checked before loading weights
+                       _overrides(args), args.targets, adapters, teacher=args.teacher)
     from .captions.cli import check_cells
     from .data.description_options import check_cell_descriptions
 
@@ -650,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a preset value, e.g. train.max_epoch=2 or method_config.depth=3")
         p.add_argument("--log-to", nargs="+", choices=TRACKERS, metavar="TRACKER",
                        help="also send the training metrics (always in metrics.jsonl) to tensorboard and/or wandb")
+        p.add_argument("--teacher", metavar="PATH",
+                       help="for methods that distil a teacher (promptkd): a trained adapter of another method, on "
+                            "its own backbone (e.g. promptsrc on ViT-L/14, or one from `promptclip import`); "
+                            "{dataset}, {seed} and {shots} in PATH are filled in")
 
     p = add("train", "train one method on one dataset split and save its adapter")
     p.add_argument("--method", required=True, help="a method name, or a plugin's FILE.py:Class")

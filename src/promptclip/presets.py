@@ -229,6 +229,7 @@ _BASE_PRESETS = {
     "prograd": "prograd/vit_b16_ep100_ctx",
     "mma": "mma/vit_b16_ep5",
     "rpo": "rpo/main_K24",
+    "promptkd": "promptkd/vit_b16_c2_ep20_batch8_4+4ctx",
 }
 #: Datasets whose ProGrad few-shot runs of 8 and 16 shots use LOSS.LAMBDA 0.8 (its README).
 _PROGRAD_LAMBDA08 = {"oxford_flowers", "dtd", "eurosat"}
@@ -270,6 +271,9 @@ def _preset_dataset_names(dataset: str) -> list[str]:
         return [dataset]
     return [dataset, *(n for n in _all_dataset_names() if n != dataset and get_spec(n).coop_name == coop_name)]
 
+#: Datasets whose PromptKD base-to-novel runs use KD weight 200 (scripts/promptkd/base2new_train.sh); the others 1000.
+_PROMPTKD_KD200 = {"fgvc_aircraft", "oxford_flowers", "dtd"}
+
 
 def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 16) -> str:
     """The official preset of ``method`` for a protocol (SPEC 2.4); ``dataset`` and ``shots`` pick per-dataset and
@@ -287,6 +291,8 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if method == "promptsrc" and protocol == "fewshot":
         gpa = "gpa30_30" if dataset in _PROMPTSRC_GPA30 else "gpa45_5"
         return f"promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_{gpa}"
+    if method == "promptkd" and protocol == "base2novel" and dataset in _PROMPTKD_KD200:
+        return "promptkd/vit_b16_c2_ep20_batch8_4+4ctx_kd200"
     if method == "prograd" and protocol == "fewshot":  # the README's config per shot count (RN50 only)
         if shots <= 1:
             return "prograd/rn50_ep50"
@@ -299,7 +305,8 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
         return "rpo/imagenet_k24_ep15"
     if method in _PER_DATASET_PRESETS:
         return _per_dataset_preset(protocol, method, dataset)
-    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
+    if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp",
+                                                                             "promptkd"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
         shipped = get_method_class(method).presets

@@ -91,6 +91,11 @@ class Cell:
         }
         if self.adapter:
             identity["adapter"] = hashlib.sha256(Path(self.adapter).read_bytes()).hexdigest()
+        teacher = self.preset.method_config.get("teacher")
+        if teacher:  # a method that distils a teacher (PromptMethod.uses_teacher): its content, not only its path
+            from .checkpoint import teacher_digest
+
+            identity["teacher"] = teacher_digest(teacher)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_dir(self, out: Path, backbone: Backbone) -> Path:
@@ -132,10 +137,13 @@ def method_label(preset: Preset) -> str:
 
 def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: list[int], shots: list[int],
                presets: dict[str, str] | None = None, overrides: list[str] | None = None,
-               targets: list[str] | None = None, adapters: dict[str, str] | None = None) -> list[Cell]:
+               targets: list[str] | None = None, adapters: dict[str, str] | None = None,
+               teacher: str | None = None) -> list[Cell]:
     """The grid: every dataset × method × shots × seed, each method with its official preset for the protocol
     (or ``presets[method]``), plus ``overrides``. ``adapters[method]``: an adapter path evaluated instead of
-    training that method (``{dataset}``, ``{seed}`` and ``{shots}`` in it are filled in per cell)."""
+    training that method (``{dataset}``, ``{seed}`` and ``{shots}`` in it are filled in per cell). ``teacher``: the
+    teacher adapter of the methods that distil one (``PromptMethod.uses_teacher``; ``{dataset}``, ``{seed}`` and
+    ``{shots}`` are filled in per cell), set as their ``method_config.teacher``."""
     if protocol not in PROTOCOLS:
         from .config import suggest
 
@@ -172,12 +180,44 @@ def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: li
                 for seed in seeds:
                     chosen = tuple(t for t in (targets or default_targets) if t != dataset)
                     adapter = _cell_adapter((adapters or {}).get(method), method, dataset, seed, k)
-                    cells.append(Cell(protocol, dataset, preset, seed, k, chosen, adapter))
+                    cells.append(Cell(protocol, dataset, _with_teacher(preset, teacher, dataset, seed, k), seed, k,
+                                      chosen, adapter))
+    if teacher is not None and not any(_uses_teacher(m) for m in methods):
+        raise ConfigError(f"--teacher {teacher}: none of the methods of the grid ({', '.join(methods)}) distils a "
+                          "teacher")
     unknown = sorted(set(adapters or {}) - set(methods))
     if unknown:
         raise ConfigError(f"--adapter for {', '.join(unknown)}, which is not among the methods of the grid "
                           f"({', '.join(methods)})")
     return cells
+
+
+def _uses_teacher(method: str) -> bool:
+    from .methods import get_method_class
+
+    return bool(get_method_class(method).uses_teacher)
+
+
+def _fill_in(template: str, option: str, dataset: str, seed: int, shots: int) -> str:
+    try:
+        return template.format(dataset=dataset, seed=seed, shots=shots)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"{option} {template!r}: only {{dataset}}, {{seed}} and {{shots}} can be filled in "
+                          f"({type(err).__name__}: {err})") from None
+
+
+def _with_teacher(preset: Preset, template: str | None, dataset: str, seed: int, shots: int) -> Preset:
+    """``preset`` with ``method_config.teacher`` set to the cell's teacher adapter (an absolute path, checked to be
+    an adapter before any weights load), for methods that distil a teacher."""
+    if template is None or not _uses_teacher(preset.method):
+        return preset
+    import dataclasses
+
+    from .checkpoint import read_adapter, teacher_adapter_path
+
+    path = teacher_adapter_path(_fill_in(template, "--teacher", dataset, seed, shots)).resolve()
+    read_adapter(path)
+    return dataclasses.replace(preset, method_config={**preset.method_config, "teacher": str(path)})
 
 
 def _cell_adapter(template: str | None, method: str, dataset: str, seed: int, shots: int) -> str | None:
@@ -186,11 +226,7 @@ def _cell_adapter(template: str | None, method: str, dataset: str, seed: int, sh
         return None
     from .checkpoint import read_adapter
 
-    try:
-        path = Path(template.format(dataset=dataset, seed=seed, shots=shots))
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"--adapter {template!r}: only {{dataset}}, {{seed}} and {{shots}} can be filled in "
-                          f"({type(err).__name__}: {err})") from None
+    path = Path(_fill_in(template, "--adapter", dataset, seed, shots))
     if path.is_dir():
         path = path / f"{ADAPTER_STEM}.safetensors"
     saved = read_adapter(path)[0]["method"]
@@ -383,6 +419,18 @@ def cell_is_busy(run_dir: Path) -> bool:
         return not claimed
 
 
+def training_splits(method: str, dataset: str, root: str | None, shots: int, seed: int, subsample: str):
+    """``(splits, labeled)``: the data ``method`` trains on (its ``PromptMethod.train_data``), given the shots and
+    class subsample a labelled run would use. ``unlabeled_all_classes``: every training image of every class (no
+    K-shot draw, which would use the labels); the items then carry no label (``labeled`` False)."""
+    from .data import protocol_splits
+    from .methods import get_method_class
+
+    if get_method_class(method).train_data == "unlabeled_all_classes":
+        return protocol_splits(dataset, root, num_shots=0, seed=seed, subsample="all"), False
+    return protocol_splits(dataset, root, num_shots=shots, seed=seed, subsample=subsample), True
+
+
 def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions) -> list[dict[str, Any]]:
     from .data import protocol_splits
 
@@ -390,19 +438,22 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     subsample = "base" if cell.protocol == "base2novel" else "all"
     train_splits = protocol_splits(cell.dataset, options.root, num_shots=cell.shots, seed=cell.seed,
                                    subsample=subsample)
+    fit_splits, labeled = training_splits(cell.method, cell.dataset, options.root, cell.shots, cell.seed, subsample)
     if cell.adapter is not None:
         method = load_trained(cell.adapter, backbone, train_splits.classnames, train_splits.template)
     else:
-        method = _build_method(cell, backbone, train_splits)  # a bad class name or config fails before any write
+        method = _build_method(cell, backbone, fit_splits)  # a bad class name or config fails before any write
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
     if cell.preset.train is not None and cell.adapter is None:
-        data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options,
+        data = _dataset(fit_splits.train, backbone, train=True, seed=cell.seed, options=options, labels=labeled,
                         views=method.train_views)
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
             backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch,
             trackers=options.trackers, run_name=describe(cell))
+    if list(method.classnames) != list(train_splits.classnames):  # trained on more classes than it is evaluated on
+        method.set_classnames(train_splits.classnames, train_splits.template)
     evaluations: list[tuple[str, str, EvalResult]] = []
     name = train_splits.name
     if cell.protocol == "base2novel":
@@ -434,9 +485,10 @@ def _build_method(cell: Cell, backbone: Backbone, splits):
                          template=splits.template)
 
 
-def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOptions, views: int = 1):
+def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOptions, views: int = 1,
+             labels: bool = True):
     """An image dataset of ``records``; ``views``: augmented views per training image (the method's
-    ``train_views``; evaluation always has one)."""
+    ``train_views``; evaluation always has one); ``labels=False``: items without ``label`` (unlabelled training)."""
     from .clip.transforms import EvalTransform, TrainTransform
     from .data import ImageDataset
 
@@ -444,7 +496,7 @@ def _dataset(records, backbone: Backbone, train: bool, seed: int, options: RunOp
     normalise = dict(mean=config.image_mean, std=config.image_std)  # the pixel statistics of the weights' training
     transform = TrainTransform(size, **normalise) if train else EvalTransform(size, **normalise)
     extras = options.extras(records) if options.extras is not None else None
-    return ImageDataset(records, transform, seed=seed, extras=extras, views=views if train else 1)
+    return ImageDataset(records, transform, seed=seed, extras=extras, views=views if train else 1, labels=labels)
 
 
 def _evaluate(method, splits, backbone: Backbone, cell: Cell, options: RunOptions) -> EvalResult:
@@ -508,7 +560,10 @@ def _evaluate_sharded(method, data, backbone: Backbone, batch_size: int, seed: i
 
 def _record(cell: Cell, backbone: Backbone, run_dir: Path, dataset: str, eval_dataset: str, split: str,
             result: EvalResult, seconds: float) -> dict[str, Any]:
+    from .methods import get_method_class
+
     config_hash = cell.config_hash(backbone)
+    train_data = get_method_class(cell.method).train_data
     run_id = f"{cell.protocol}/{cell.dataset}/{cell.preset.method}/{config_hash}/seed{cell.seed}/shots{cell.shots}"
     return {
         "run_id": run_id,
@@ -519,6 +574,11 @@ def _record(cell: Cell, backbone: Backbone, run_dir: Path, dataset: str, eval_da
         "config_hash": config_hash, "run_dir": str(run_dir), "seconds": seconds,
         "precision": cell.preset.train.precision if cell.preset.train else "auto",
         "adapter": cell.adapter,
+        # What the method trained on (PromptMethod.train_data); base2novel rows whose training saw the novel
+        # classes' (unlabelled) images are not comparable with labelled ones, and the report marks them.
+        "train_data": train_data,
+        "unlabeled_novel_images": cell.protocol == "base2novel" and train_data == "unlabeled_all_classes",
+        **({"teacher": cell.preset.method_config["teacher"]} if cell.preset.method_config.get("teacher") else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -537,12 +597,12 @@ def default_shots(protocol: str) -> list[int]:
 def run_protocol(protocol: str, datasets: list[str], methods: list[str], backbone: Backbone, out: str | Path,
                  seeds: list[int] = (1, 2, 3), shots: list[int] | None = None, presets: dict[str, str] | None = None,
                  overrides: list[str] | None = None, targets: list[str] | None = None,
-                 options: RunOptions | None = None) -> GridResult:
-    """Build the grid of ``protocol`` and run it (finished cells are skipped)."""
+                 options: RunOptions | None = None, teacher: str | None = None) -> GridResult:
+    """Build the grid of ``protocol`` and run it (finished cells are skipped); ``teacher`` as :func:`make_cells`."""
     if shots is None:
         shots = default_shots(protocol)
     cells = make_cells(protocol, list(datasets), list(methods), list(seeds), list(shots), presets, overrides,
-                       targets)
+                       targets, teacher=teacher)
     return run_grid(cells, backbone, out, options)
 
 
@@ -557,5 +617,6 @@ def load_trained(adapter: str | Path, backbone: Backbone, classnames: list[str] 
 
 
 __all__ = ["PROTOCOLS", "Backbone", "Cell", "RunOptions", "GridResult", "TrainConfig", "make_cells", "run_grid",
-           "run_one", "run_cell", "run_protocol", "evaluate_dataset", "append_records", "append_records_once",
+           "run_one", "run_cell", "run_protocol", "training_splits", "evaluate_dataset", "append_records",
+           "append_records_once",
            "load_trained"]

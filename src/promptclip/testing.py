@@ -224,13 +224,15 @@ def check_adapter_round_trip(subject: Subject) -> None:
     with tempfile.TemporaryDirectory(prefix="promptclip-contract-") as tmp:
         path = save_adapter(Path(tmp) / "adapter", method, "contract", "contract-fingerprint")
         meta, tensors = read_adapter(path)
-        trainable = {n for n, _ in method.named_trainable()}
+        trainable = {n for n, _ in method.named_trainable()} | {n for n, _ in method.trainable_buffers()}
         if set(tensors) != trainable:
-            _fail(f"the adapter holds {sorted(tensors)}, the trainable tensors are {sorted(trainable)}")
+            _fail(f"the adapter holds {sorted(tensors)}, the trainable tensors (and trainable_buffers) are "
+                  f"{sorted(trainable)}")
         backbone_tensors = sorted(set(tensors) & _backbone_names(method, subject.backbone))
         if backbone_tensors:
             _fail(f"the adapter holds backbone tensors: {', '.join(backbone_tensors[:5])}")
-        if sum(t.numel() for t in tensors.values()) != method.num_trainable():
+        if sum(t.numel() for n, t in tensors.items() if n in dict(method.named_trainable())) != \
+                method.num_trainable():
             _fail("the adapter's tensors do not add up to num_trainable()")
         if meta.get("method_source", {}).get("kind") is None:
             _fail("the adapter does not record where its method comes from")

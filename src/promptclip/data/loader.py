@@ -68,9 +68,10 @@ class SkippedSample:
 class ImageDataset(Dataset):
     """A map-style dataset over records.
 
-    Items are dicts: ``image`` (the transform's output), ``label`` (int), ``index`` (position in ``records``),
-    ``path``, plus one entry per key of ``extras``. An extra is either a sequence aligned with ``records`` or a
-    mapping keyed by the record's ``path`` or ``relpath`` (e.g. MuGCP captions); a missing key is a :class:`DataError`.
+    Items are dicts: ``image`` (the transform's output), ``label`` (int; absent with ``labels=False``), ``index``
+    (position in ``records``), ``path``, plus one entry per key of ``extras``. An extra is either a sequence aligned
+    with ``records`` or a mapping keyed by the record's ``path`` or ``relpath`` (e.g. MuGCP captions); a missing key
+    is a :class:`DataError`.
 
     ``views`` > 1 (methods with ``train_views``, e.g. CoPrompt): the image is transformed ``views`` times with
     independent generators seeded from (seed, epoch, index, view); items then also hold ``image_view2`` ..
@@ -85,6 +86,7 @@ class ImageDataset(Dataset):
         extras: Mapping[str, Sequence[Any] | Mapping[str, Any]] | None = None,
         on_error: str = "raise",
         views: int = 1,
+        labels: bool = True,
     ) -> None:
         if isinstance(views, bool) or not isinstance(views, int) or views < 1:
             raise DataError(f"views must be a positive int, got {views!r}")
@@ -98,6 +100,8 @@ class ImageDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.on_error = on_error
+        #: False: items carry no ``label`` (unlabelled training, ``PromptMethod.train_data``).
+        self.labels = bool(labels)
         self.extras: dict[str, Sequence[Any] | Mapping[str, Any]] = dict(extras or {})
         for key, values in self.extras.items():
             if key in ("image", "label", "index", "path", _SKIPPED_KEY) or key.startswith("image_view"):
@@ -130,7 +134,8 @@ class ImageDataset(Dataset):
     def fields(self, index: int) -> dict[str, Any]:
         """Every entry of item ``index`` except the image (which needs decoding): label, index, path, extras."""
         rec = self.records[index]
-        item = {"label": rec.label, "index": index, "path": rec.path}
+        item = {"label": rec.label, "index": index, "path": rec.path} if self.labels else {"index": index,
+                                                                                          "path": rec.path}
         for key in self.extras:
             item[key] = self._extra(key, index, rec)
         return item
@@ -327,7 +332,7 @@ class PromptLoader(DataLoader):
         try:
             for batch in it:
                 skipped.extend(batch.pop("skipped", []))
-                if batch["label"].numel() == 0:
+                if _empty(batch):  # every sample of the batch was skipped
                     continue
                 yield batch
             finished = True
@@ -344,6 +349,14 @@ class PromptLoader(DataLoader):
             msg = f"skipped {len(skipped)} of {len(self.dataset)} images in epoch {self.epoch}: {shown}{more}"
             log.warning(msg)
             warnings.warn(msg, stacklevel=2)
+
+
+def _empty(batch: dict[str, Any]) -> bool:
+    """Whether a collated batch holds no sample (labels are absent in unlabelled training, indices in some datasets)."""
+    for key in ("index", "label"):
+        if key in batch:
+            return batch[key].numel() == 0
+    return batch.get("image") is None
 
 
 def make_loader(

@@ -117,6 +117,20 @@ class PromptMethod(nn.Module):
     #: or the path of a YAML preset file (relative: to the file defining the class). Named ``<method>/<name>``; one
     #: named after a protocol is that protocol's default preset, ``default`` the default of the others.
     presets: ClassVar[Mapping[str, Mapping[str, Any] | str | Path]] = {}
+    #: What the method trains on; protocols (``run``) and ``train`` build it from this, never from the method's name.
+    #: ``"labeled"`` (default): the labelled (few-shot) training images of the training classes (base2novel: the base
+    #: half). ``"unlabeled_all_classes"``: every training image of every class of the dataset, base and novel alike,
+    #: without labels (batches have no ``label``; the shots setting does not apply, since drawing K images per class
+    #: would use the labels) and the method is built on all the class names — PromptKD's transductive setting. Records
+    #: of such runs say ``"unlabeled_novel_images": true`` in base2novel, and the report marks their rows: they saw
+    #: the novel classes' (unlabelled) training images, so they are not comparable with labelled rows.
+    train_data: ClassVar[Literal["labeled", "unlabeled_all_classes"]] = "labeled"
+    #: The method distils a frozen teacher: a trained adapter of another method on its own backbone (e.g. PromptSRC
+    #: on ViT-L/14), named by path in the method config's ``teacher`` field (``--teacher PATH`` on ``train``/``run``
+    #: sets it; a preset may too). The method loads it with
+    #: :func:`promptclip.checkpoint.load_teacher` (which loads the backbone the adapter names) and takes it with
+    #: :meth:`set_teacher`; the run's config hash covers the teacher file's content.
+    uses_teacher: ClassVar[bool] = False
 
     def __init__(self, backbone: CLIP, config: Any, classnames: list[str], template: str | None = None):
         super().__init__()
@@ -279,6 +293,11 @@ class PromptMethod(nn.Module):
         statistics of a trained module). Saved in adapters and training states with the parameters."""
         return iter(())
 
+    def set_teacher(self, teacher: PromptMethod) -> None:
+        """Take ``teacher`` (a frozen, trained method on its own backbone) as the model to distil (methods with
+        ``uses_teacher`` only). It follows the method's class names (``set_classnames``) and stays in eval mode."""
+        raise ConfigError(f"method {self.name!r} does not use a teacher")
+
     # -- training hooks ------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> PromptMethod:
@@ -361,6 +380,11 @@ class PromptMethod(nn.Module):
     def reference_name_map(self) -> dict[str, str]:
         """Reference parameter name (as its ``named_parameters()`` spells it) → our parameter name."""
         raise NotImplementedError(f"{self.name} has no reference implementation")
+
+    def reference_buffer_map(self) -> dict[str, str]:
+        """Reference buffer name → ours, for the :meth:`trainable_buffers` a reference checkpoint saves (e.g.
+        BatchNorm running statistics); imported with the parameters. Default: none."""
+        return {}
 
     def reference_loss_terms(self, terms: Mapping[str, float]) -> dict[str, float]:
         """Our logged loss terms (``loss`` keys of :meth:`loss`, as floats) under the names the reference trainer

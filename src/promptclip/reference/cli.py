@@ -23,8 +23,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     description = (
-        "Import a checkpoint written by a reference repository's Dassl trainer (CoOp, CoCoOp, KgCoOp, MaPLe, IVLP, "
-        "VPT, PromptSRC, CMPA/DCP, DePT: <output dir>/<registered name>/model.pth.tar-N) as a promptclip adapter, "
+        "Import a checkpoint written by a reference repository's Dassl trainer (CoOp, CoCoOp, KgCoOp, ProGrad, TCP, "
+        "MaPLe, IVLP, VPT, PromptSRC, CMPA/DCP, MMA, RPO, MMRL, MMRL++, CoPrompt, DePT, PromptKD: "
+        "<output dir>/<registered name>/model.pth.tar-N) as a promptclip adapter, "
         "which eval, predict, run --adapter and train --init-adapter then use. The file is read without running code "
         "from it. The released checkpoints of these papers are for ViT-B/16 with OpenAI's weights (the default "
         "backbone).")
@@ -33,7 +34,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("source", help="a checkpoint file (model.pth.tar-N, model-best.pth.tar) or a Dassl output folder")
     p.add_argument("--method", required=True,
                    help="the method that wrote it: coop, cocoop, kgcoop, maple, ivlp, vpt, promptsrc, dcp (CMPA), "
-                        "dept_coop or dept_maple")
+                        "dept_coop, dept_maple or promptkd (its student; PromptKD's released ViT-L/14 teachers are "
+                        "promptsrc checkpoints)")
     p.add_argument("--out", required=True, type=output_location(),
                    help="folder for adapter.safetensors + adapter.json")
     p.add_argument("--epoch", help="N for model.pth.tar-N, best for model-best.pth.tar (default: the latest epoch)")
@@ -50,6 +52,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--template", help="with --classnames: the prompt template, e.g. 'a photo of a {}.'")
     p.add_argument("--backbone", help="default: the preset's (ViT-B/16); the backbone the checkpoint was trained on")
     p.add_argument("--device", default="cpu", help="where the backbone loads (default cpu)")
+    p.add_argument("--teacher", metavar="PATH",
+                   help="promptkd: the teacher adapter the student was distilled from (e.g. the released PromptSRC "
+                        "ViT-L/14 teacher, imported with --method promptsrc --backbone ViT-L/14); its text features "
+                        "are the student's classifier")
     return p
 
 
@@ -65,6 +71,7 @@ def import_command(args, load_backbone: Callable[[str, str, bool], Any],
     preset = apply_overrides(load_preset(args.preset or layout.default_preset), list(args.set or []))
     if preset.method != args.method:
         raise ConfigError(f"preset {preset.name!r} is for method {preset.method!r}, not {args.method!r}")
+    preset = _with_teacher(preset, getattr(args, "teacher", None))
     classnames, template = _class_set(args, parse_classnames)
     epoch = args.epoch if args.epoch in (None, "best") else _epoch_number(args.epoch)
     # The file and what its shapes say are checked before any weights load.
@@ -87,6 +94,27 @@ def import_command(args, load_backbone: Callable[[str, str, bool], Any],
         banner(str(warning.message))
     say(f"evaluate it: promptclip eval --adapter {Path(args.out)} --dataset DATASET --root ROOT --subsample base|new")
     return backbone
+
+
+def _with_teacher(preset, teacher: str | None):
+    """The preset with ``method_config.teacher`` for a method that distils a teacher (required: the student's
+    classifier is the teacher's text features); an error for other methods."""
+    import dataclasses
+
+    from ..checkpoint import read_adapter, teacher_adapter_path
+    from ..methods import get_method_class
+
+    uses = get_method_class(preset.method).uses_teacher
+    if teacher is None:
+        if uses and not preset.method_config.get("teacher"):
+            raise ConfigError(f"importing a {preset.method} checkpoint needs --teacher PATH: the adapter of the "
+                              "teacher it was distilled from (its text features are the student's classifier)")
+        return preset
+    if not uses:
+        raise ConfigError(f"--teacher: method {preset.method!r} does not distil a teacher")
+    path = teacher_adapter_path(teacher).resolve()
+    read_adapter(path)
+    return dataclasses.replace(preset, method_config={**preset.method_config, "teacher": str(path)})
 
 
 def _class_set(args, parse_classnames) -> tuple[list[str], str | None]:

@@ -51,7 +51,9 @@ class FrozenWeightsWarning(UserWarning):
 BEST_FILE = "model-best.pth.tar"
 EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
 #: Class-dependent buffers: rebuilt from the class names (the reference's ``load_model`` deletes them too).
-CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix", "prompt_embeddings")
+CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_midfix", "prompt_embeddings",
+                 # PromptKD's teacher prompt learner splits them at ceil(n/2) in base-to-novel runs.
+                 "token_prefix2", "token_suffix2")
 
 
 # -- what each trainer saves -----------------------------------------------------------------------------------------
@@ -215,6 +217,10 @@ class Layout:
     class_buffers: tuple[str, ...] = CLASS_BUFFERS
 
 
+def _infer_promptkd(t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    return _infer_vision(t)
+
+
 LAYOUTS: dict[str, Layout] = {
     "coop": Layout("prompt_learner", "prompt_learner.", _infer_coop, set_by_ctx_init=("n_ctx",),
                    default_preset="coop/vit_b16"),
@@ -260,6 +266,9 @@ LAYOUTS: dict[str, Layout] = {
                    signature=(r"image_encoder\.proj_rep",), default_preset="mmrl/vit_b16"),
     "mmrlpp": Layout("MultiModalRepresentationLearner", "", _infer_mmrlpp, _clip_towers,
                      signature=(r"image_encoder\.A",), default_preset="mmrlpp/vit_b16"),
+    # The student only (its image tower, prompts, projector with its BatchNorm statistics): the teacher is not saved.
+    "promptkd": Layout("VLPromptLearner", "", _infer_promptkd, _clip_towers, signature=(r"VPT_image_trans\..*",),
+                       default_preset="promptkd/vit_b16_c2_ep20_batch8_4+4ctx"),
 }
 
 #: How to recognise another trainer's checkpoint in an error message (the first match names it).
@@ -267,6 +276,7 @@ _LOOKS_LIKE = (  # patterns on the saved keys, module-relative (``ctx``) or mode
     ("mmrl", re.compile(r"(^|\.)compound_rep_tokens_r2[tv]proj\.")),
     ("mmrlpp", re.compile(r"(^|\.)srra_r2[tv]proj\.")),
     ("dept (dept_coop or dept_maple)", re.compile(r"^(film_lp_(img|text)|linear_probe_proj)\.")),
+    ("promptkd", re.compile(r"^VPT_image_trans\.")),
     ("dcp (CMPA)", re.compile(r"(^|\.)(prompts_visual$|prompt_attn\.)")),
     ("coprompt", re.compile(r"^(adapter_image|adapter_text|model_distill)\.")),
     ("maple", re.compile(r"(^|\.)(compound_prompts_text|compound_prompt_projections)\.|^prompt_learner\.proj\.")),
@@ -484,7 +494,9 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
     inferred = check_config(checkpoint, method.name, method.config)
     tensors = reference_tensors(checkpoint, layout)
     name_map = method.reference_name_map()
+    buffer_map = method.reference_buffer_map()
     params = dict(method.named_trainable())
+    trained_buffers = dict(method.trainable_buffers())
     backbone = method.clip.state_dict()
 
     imported: dict[str, torch.Tensor] = {}
@@ -499,6 +511,12 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
                 shapes.append(f"{key} is {value.dtype}, not a floating-point tensor")
             else:
                 imported[name_map[key]] = value.detach().to(torch.float32).clone()
+        elif key in buffer_map:  # trained statistics (BatchNorm), in the buffer's own dtype
+            ours = trained_buffers[buffer_map[key]]
+            if tuple(value.shape) != tuple(ours.shape):
+                shapes.append(f"{key} has shape {list(value.shape)}, the method expects {list(ours.shape)}")
+            else:
+                imported[buffer_map[key]] = value.detach().to(ours.dtype).clone()
         elif key.rsplit(".", 1)[-1] in layout.class_buffers:
             buffers.append(key)
         elif layout.alias(key) in name_map:
@@ -512,7 +530,7 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
                 frozen.differing.append((key, reason))
         else:
             unexpected.append(key)
-    missing = [key for key in name_map if key not in tensors]
+    missing = [key for key in (*name_map, *buffer_map) if key not in tensors]
     absent_signature = [p for p in layout.signature if not any(re.fullmatch(p, k) for k in tensors)]
     if unexpected or missing or absent_signature:
         problems = []
@@ -532,8 +550,8 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
 
     report = ImportReport(
         file=str(checkpoint.path), sha256=checkpoint.sha256, epoch=checkpoint.epoch,
-        registered_name=layout.registered_name, method=method.name, tensors={k: name_map[k] for k in tensors
-                                                                             if k in name_map},
+        registered_name=layout.registered_name, method=method.name,
+        tensors={k: {**name_map, **buffer_map}[k] for k in tensors if k in name_map or k in buffer_map},
         saved_dtypes=sorted({str(tensors[k].dtype).removeprefix("torch.") for k in tensors if k in name_map}),
         inferred=inferred, dropped_buffers=sorted(buffers), skipped_unused=sorted(unused), frozen=frozen,
         saved_classes=_saved_classes(tensors, buffers))

@@ -17,7 +17,7 @@ from .formatting import (
     seed_counts_text,
 )
 from .order import dataset_sort_key, method_sort_key
-from .records import PROTOCOLS
+from .records import PROTOCOLS, UNLABELED_NOVEL_MARK
 from .tables import B2NTable, FewShotAverage, FewShotRow, FewShotTable, TransferTable
 
 _SAMPLE_NOTE = (
@@ -50,6 +50,12 @@ def header_markdown(records: Sequence[dict], protocols: Sequence[str]) -> list[s
     if other:
         md += [f"> Note: published numbers are for ViT-B/16; these records also use {', '.join(other)}, so the "
                "published columns are not a like-for-like comparison for those rows.", ""]
+    n_unlabeled = sum(1 for r in records if r.get("unlabeled_novel_images") is True)
+    if n_unlabeled:
+        md += [f"> Note: rows marked {UNLABELED_NOVEL_MARK} ({n_unlabeled} records, `unlabeled_novel_images: true`) "
+               "trained on all the unlabelled training images of every class, the novel classes included (the "
+               "transductive setting of PromptKD; K does not apply to their training data); their novel accuracy is "
+               "not comparable with rows trained on labelled base-class images only.", ""]
     if any(canonical_dataset(str(r.get(k, ""))) == "eurosat-sample" for r in records
            for k in ("dataset", "eval_dataset")):
         md += [f"> Note: {_SAMPLE_NOTE}", ""]

@@ -72,9 +72,15 @@ def validate_record(record: Any, where: str) -> None:
         raise PromptClipError(f"{where}: unknown split {record['split']!r} (expected one of {SPLITS})")
 
 
+#: Marks the rows of runs that trained on the novel classes' unlabelled images (``unlabeled_novel_images``).
+UNLABELED_NOVEL_MARK = "†"
+
+
 def record_label(record: dict) -> str:
-    """The row label: ``method_label`` when set, else ``method``."""
-    return str(record.get("method_label") or record["method"])
+    """The row label: ``method_label`` when set, else ``method``; marked with :data:`UNLABELED_NOVEL_MARK` when the
+    run trained on unlabelled images of the novel classes (never in the same row as labelled runs)."""
+    label = str(record.get("method_label") or record["method"])
+    return f"{label} {UNLABELED_NOVEL_MARK}" if record.get("unlabeled_novel_images") is True else label
 
 
 def _identity(record: dict) -> tuple:
