@@ -247,6 +247,9 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
     if protocol in ("cross_dataset", "domain_generalization") and method in ("maple", "promptsrc", "mugcp"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
+        chosen = get_method_class(method).preset_for(protocol, dataset, shots)
+        if chosen is not None:
+            return chosen
         shipped = get_method_class(method).presets
         for key in (protocol, "default"):
             if key in shipped:

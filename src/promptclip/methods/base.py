@@ -98,6 +98,14 @@ class PromptMethod(nn.Module):
     #: or the path of a YAML preset file (relative: to the file defining the class). Named ``<method>/<name>``; one
     #: named after a protocol is that protocol's default preset, ``default`` the default of the others.
     presets: ClassVar[Mapping[str, Mapping[str, Any] | str | Path]] = {}
+    #: The protocols the method makes sense for (None: all). A grid cell of another protocol is marked "not
+    #: applicable" before any cell runs, with ``not_applicable_reason``, and reported as such.
+    protocols: ClassVar[tuple[str, ...] | None] = None
+    not_applicable_reason: ClassVar[str] = ""
+    #: Fitted by :meth:`fit_features` on frozen image features instead of the epoch loop (module
+    #: :mod:`promptclip.feature_fit`): ``train.fit`` hands such a method the features of the augmented training
+    #: views and of the evaluation splits.
+    fits_on_features: ClassVar[bool] = False
 
     def __init__(self, backbone: CLIP, config: Any, classnames: list[str], template: str | None = None):
         super().__init__()
@@ -237,6 +245,14 @@ class PromptMethod(nn.Module):
         statistics of a trained module). Saved in adapters and training states with the parameters."""
         return iter(())
 
+    def fit_features(self, data: Any) -> dict[str, Any]:
+        """Fit without the epoch loop (methods with ``fits_on_features``): ``data`` is a
+        :class:`promptclip.feature_fit.FeatureFitData` (training-view features, labels, evaluation splits, batch
+        order, the run's TrainConfig, step logging). Everything learned must end up in the adapter state
+        (parameters and :meth:`trainable_buffers`); returns a JSON summary (e.g. a hyperparameter search's result),
+        stored in the adapter's JSON and the run's history."""
+        raise NotImplementedError(f"{self.name} is trained by the epoch loop, not fit_features")
+
     # -- training hooks ------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> PromptMethod:
@@ -293,6 +309,14 @@ class PromptMethod(nn.Module):
                     )
                 params[n].copy_(value)
         self._text_cache = None
+
+    # -- presets -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def preset_for(cls, protocol: str, dataset: str, shots: int) -> str | None:
+        """The official preset (``<method>/<name>``) for a protocol's cell, where the reference's settings depend on
+        the dataset or shots; None (default): the method's ``protocol``/``default`` preset as usual."""
+        return None
 
     # -- reference implementations -------------------------------------------------------------------------------
 
