@@ -431,8 +431,9 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
         atomic_write_text(run_dir / "config.json", json.dumps(_resolved_config(cell, backbone), indent=2) + "\n")
     if cell.preset.train is not None and cell.adapter is None:
         data = _dataset(train_splits.train, backbone, train=True, seed=cell.seed, options=options)
-        # the splits a fit on features selects or searches on (encoded only if the method reads them)
-        eval_data = {"val": _dataset(train_splits.val, backbone, train=False, seed=cell.seed, options=options),
+        # the splits a fit on features reads (un-augmented train, val, test; encoded only if the method reads them)
+        eval_data = {"train": _dataset(train_splits.train, backbone, train=False, seed=cell.seed, options=options),
+                     "val": _dataset(train_splits.val, backbone, train=False, seed=cell.seed, options=options),
                      "test": _dataset(train_splits.test, backbone, train=False, seed=cell.seed, options=options)}
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
             backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch,

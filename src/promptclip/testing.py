@@ -116,8 +116,8 @@ class Subject:
 
 
 def fit_on_batch(method: PromptMethod, batch: Mapping[str, Any]) -> None:
-    """Fit a ``fits_on_features`` method on the frozen features of one batch (every view, val and test split the
-    same images): a short, deterministic fit for the checks."""
+    """Fit a ``fits_on_features`` method on the frozen features of one batch (every view and the un-augmented
+    train, val and test splits: the same images), a short deterministic fit for the checks."""
     from .feature_fit import FeatureFitData
     from .train import TrainConfig
 
@@ -126,7 +126,7 @@ def fit_on_batch(method: PromptMethod, batch: Mapping[str, Any]) -> None:
     labels = torch.as_tensor(batch["label"], dtype=torch.long)
     config = TrainConfig(batch_size=4, max_epoch=1, warmup_epoch=0, optimizer="adamw", lr=1e-3)
     data = FeatureFitData(lambda start, count: features.expand(count, *features.shape), labels,
-                          {"val": (features, labels), "test": (features, labels)}, config)
+                          {"train": (features, labels), "val": (features, labels), "test": (features, labels)}, config)
     method.fit_features(data)
     method.train()
 

@@ -3,7 +3,7 @@
 import importlib
 
 BUILTIN_METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "dcp",
-                         "mugcp", "tip_adapter")
+                         "mugcp", "tip_adapter", "linear_probe")
 
 for _module in BUILTIN_METHOD_MODULES:
     importlib.import_module(f"{__package__}.{_module}")
