@@ -20,8 +20,16 @@ from promptclip.methods import create_method, get_method_class, list_methods
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
+def dassl_format(meta: object) -> bool:
+    """Whether a golden's JSON is in the Dassl trainer format these generic tests read: its ``provenance`` names
+    a ``trainer_class``. Goldens of references outside Dassl (e.g. Tip-Adapter's scripts) have their own format and
+    their own tests (tests/test_method_<m>.py)."""
+    return isinstance(meta, dict) and "trainer_class" in (meta.get("provenance") or {})
+
+
 def method_golden_names() -> list[str]:
-    """Every one-step golden: ``<method>.json`` with a ``provenance`` and a ``trainable_params`` list.
+    """Every one-step golden: ``<method>.json`` in the Dassl format (:func:`dassl_format`) with a
+    ``trainable_params`` list.
 
     ``<method>.<kind>.json`` files (layers, trajectory, dassl) are companions of it, not one-step goldens."""
     names = []
@@ -29,7 +37,7 @@ def method_golden_names() -> list[str]:
         if "." in path.stem:
             continue
         meta = json.loads(path.read_text())
-        if isinstance(meta, dict) and "provenance" in meta and "trainable_params" in meta:
+        if dassl_format(meta) and "trainable_params" in meta:
             names.append(path.stem)
     return names
 
@@ -248,8 +256,9 @@ def assert_close_grad(ours: torch.Tensor | None, golden: torch.Tensor, what: str
 
 
 def trajectory_golden_names() -> list[str]:
-    """Every ``<method>.trajectory.json`` present, as ``<method>``."""
-    return sorted(p.name[: -len(".trajectory.json")] for p in GOLDEN_DIR.glob("*.trajectory.json"))
+    """Every ``<method>.trajectory.json`` present in the Dassl format (:func:`dassl_format`), as ``<method>``."""
+    return sorted(p.name[: -len(".trajectory.json")] for p in GOLDEN_DIR.glob("*.trajectory.json")
+                  if dassl_format(json.loads(p.read_text())))
 
 
 @dataclass

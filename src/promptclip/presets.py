@@ -309,6 +309,9 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
                                                                              "promptkd"):
         return _BASE_PRESETS[method] + "_cross_datasets"
     if method not in _BASE_PRESETS:
+        chosen = get_method_class(method).preset_for(protocol, dataset, shots)
+        if chosen is not None:
+            return chosen
         shipped = get_method_class(method).presets
         candidates = sorted(p.stem for p in (PRESETS_DIR / method).glob("*.yaml"))
         # Per-dataset presets ``<protocol>_<dataset>`` (a reference's per-dataset values, e.g. CoPrompt's

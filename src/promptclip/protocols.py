@@ -72,6 +72,9 @@ class Cell:
     targets: tuple[str, ...] = ()
     #: An adapter file evaluated instead of training (``run --adapter``, e.g. an imported reference checkpoint).
     adapter: str | None = None
+    #: Why the method does not apply to this protocol (its ``protocols``); such a cell is never run, and its record
+    #: says "not applicable" with this reason.
+    not_applicable: str | None = None
 
     @property
     def method(self) -> str:
@@ -168,6 +171,13 @@ def make_cells(protocol: str, datasets: list[str], methods: list[str], seeds: li
     cells = []
     for dataset in datasets:
         for method in methods:
+            reason = not_applicable(method, protocol)
+            if reason is not None:
+                for k in shots:
+                    for seed in seeds:
+                        cells.append(Cell(protocol, dataset, Preset(name=method, method=method), seed, k,
+                                          not_applicable=reason))
+                continue
             for k in shots:
                 name = (presets or {}).get(method) or default_preset(protocol, method, dataset, k)
                 preset = load_preset(name)
@@ -218,6 +228,17 @@ def _with_teacher(preset: Preset, template: str | None, dataset: str, seed: int,
     path = teacher_adapter_path(_fill_in(template, "--teacher", dataset, seed, shots)).resolve()
     read_adapter(path)
     return dataclasses.replace(preset, method_config={**preset.method_config, "teacher": str(path)})
+
+
+def not_applicable(method: str, protocol: str) -> str | None:
+    """Why ``method`` does not apply to ``protocol`` (its class's ``protocols``), or None where it does."""
+    from .methods import get_method_class
+
+    cls = get_method_class(method)
+    if cls.protocols is None or protocol in cls.protocols:
+        return None
+    why = f": {cls.not_applicable_reason}" if cls.not_applicable_reason else ""
+    return f"{method} does not apply to {protocol} (it applies to {', '.join(cls.protocols)}){why}"
 
 
 def _cell_adapter(template: str | None, method: str, dataset: str, seed: int, shots: int) -> str | None:
@@ -304,8 +325,17 @@ def run_grid(cells: list[Cell], backbone: Backbone, out: str | Path, options: Ru
     options = options or RunOptions()
     out = Path(out)
     check_grid_data(cells, options.root, backbone)
+    for reason in dict.fromkeys(cell.not_applicable for cell in cells if cell.not_applicable):
+        options.log(f"not applicable, not run: {reason}")
     result = GridResult()
     for i, cell in enumerate(cells, 1):
+        if cell.not_applicable:
+            records = [_not_applicable_record(cell, backbone)]
+            if distributed.is_main():
+                append_records_once(out / RECORDS_FILE, records)
+            result.skipped += 1
+            result.records.extend(records)
+            continue
         records, status = run_one(cell, backbone, out, options, tag=f"[{i}/{len(cells)}] {describe(cell)}")
         if status == "ran":
             result.ran += 1
@@ -327,6 +357,8 @@ def check_grid_data(cells: list[Cell], root: str | None, backbone: Backbone | No
     context = backbone.model.text.context_length if backbone is not None else None
     loaded: dict[str, Any] = {}
     for cell in cells:
+        if cell.not_applicable:
+            continue
         for name in (cell.dataset, *cell.targets):
             if name not in loaded:
                 splits = loaded[name] = load_splits(name, root)
@@ -449,9 +481,14 @@ def run_cell(cell: Cell, backbone: Backbone, run_dir: Path, options: RunOptions)
     if cell.preset.train is not None and cell.adapter is None:
         data = _dataset(fit_splits.train, backbone, train=True, seed=cell.seed, options=options, labels=labeled,
                         views=method.train_views)
+        # the splits a fit on features reads (un-augmented train, val, test; encoded only if the method reads them)
+        eval_data = {"train": _dataset(train_splits.train, backbone, train=False, seed=cell.seed, options=options),
+                     "val": _dataset(train_splits.val, backbone, train=False, seed=cell.seed, options=options),
+                     "test": _dataset(train_splits.test, backbone, train=False, seed=cell.seed, options=options)}
         fit(method, data, cell.preset.train, out_dir=run_dir, device=options.device, progress=options.progress,
             backbone_name=backbone.name, backbone_fingerprint=backbone.fingerprint, on_epoch=options.on_epoch,
-            trackers=options.trackers, run_name=describe(cell))
+            trackers=options.trackers, run_name=describe(cell), eval_data=eval_data,
+            feature_cache=options.feature_cache, log=options.log)
     if list(method.classnames) != list(train_splits.classnames):  # trained on more classes than it is evaluated on
         method.set_classnames(train_splits.classnames, train_splits.template)
     evaluations: list[tuple[str, str, EvalResult]] = []
@@ -579,6 +616,19 @@ def _record(cell: Cell, backbone: Backbone, run_dir: Path, dataset: str, eval_da
         "train_data": train_data,
         "unlabeled_novel_images": cell.protocol == "base2novel" and train_data == "unlabeled_all_classes",
         **({"teacher": cell.preset.method_config["teacher"]} if cell.preset.method_config.get("teacher") else {}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _not_applicable_record(cell: Cell, backbone: Backbone) -> dict[str, Any]:
+    """The record of a cell that is not run because the method does not apply to the protocol."""
+    return {
+        "run_id": (f"{cell.protocol}/{cell.dataset}/{cell.preset.method}/not-applicable/seed{cell.seed}/"
+                   f"shots{cell.shots}"),
+        "protocol": cell.protocol, "method": cell.preset.method, "method_label": cell.label,
+        "dataset": cell.dataset, "eval_dataset": cell.dataset, "split": "all", "seed": cell.seed,
+        "shots": cell.shots, "status": "not_applicable", "reason": cell.not_applicable, "accuracy": None,
+        "backbone": backbone.name, "random_weights": backbone.random_weights,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

@@ -107,12 +107,31 @@ class Subject:
     batch_maker: Callable[[int, int], dict[str, Any]] | None = None
 
     def build(self) -> PromptMethod:
-        return create_method(self.name, self.backbone, list(self.classnames), self.config, template=self.template)
+        method = create_method(self.name, self.backbone, list(self.classnames), self.config, template=self.template)
+        if method.fits_on_features:  # checked once fitted (its state, e.g. a cache, comes from the data)
+            fit_on_batch(method, self.batch(8, seed=1))
+        return method
 
     def batch(self, n: int = 4, seed: int = 0) -> dict[str, Any]:
         if self.batch_maker is not None:
             return self.batch_maker(n, seed)
         return make_batch(n, seed, self.backbone.visual.input_resolution, len(self.classnames))
+
+
+def fit_on_batch(method: PromptMethod, batch: Mapping[str, Any]) -> None:
+    """Fit a ``fits_on_features`` method on the frozen features of one batch (every view and the un-augmented
+    train, val and test splits: the same images), a short deterministic fit for the checks."""
+    from .feature_fit import FeatureFitData
+    from .train import TrainConfig
+
+    with torch.no_grad():
+        features = method.clip.encode_image(batch["image"]).float()
+    labels = torch.as_tensor(batch["label"], dtype=torch.long)
+    config = TrainConfig(batch_size=4, max_epoch=1, warmup_epoch=0, optimizer="adamw", lr=1e-3)
+    data = FeatureFitData(lambda start, count: features.expand(count, *features.shape), labels,
+                          {"train": (features, labels), "val": (features, labels), "test": (features, labels)}, config)
+    method.fit_features(data)
+    method.train()
 
 
 def _fail(text: str) -> None:
@@ -231,8 +250,8 @@ def check_adapter_round_trip(subject: Subject) -> None:
         backbone_tensors = sorted(set(tensors) & _backbone_names(method, subject.backbone))
         if backbone_tensors:
             _fail(f"the adapter holds backbone tensors: {', '.join(backbone_tensors[:5])}")
-        if sum(t.numel() for n, t in tensors.items() if n in dict(method.named_trainable())) != \
-                method.num_trainable():
+        buffers = sum(b.numel() for _, b in method.trainable_buffers())
+        if sum(t.numel() for t in tensors.values()) != method.num_trainable() + buffers:
             _fail("the adapter's tensors do not add up to num_trainable()")
         if meta.get("method_source", {}).get("kind") is None:
             _fail("the adapter does not record where its method comes from")

@@ -248,7 +248,8 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         batch_order: Sequence[Sequence[Sequence[int]]] | None = None, trackers: Sequence[str] = (),
-        run_name: str | None = None) -> FitResult:
+        run_name: str | None = None, eval_data: Mapping[str, Dataset] | None = None,
+        feature_cache=None, log: Callable[[str], None] | None = None) -> FitResult:
     """Train ``method`` on ``train_data`` (a Dataset of batch dicts with ``image`` and ``label``).
 
     ``batch_order`` replaces the seeded shuffle with explicit batches: ``batch_order[e][k]`` lists the dataset indices
@@ -269,7 +270,17 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
     The text tower runs under ``config.text_memory`` for the whole run (:func:`promptclip.memory.text_memory`).
     Data-parallel when a process group with several ranks is initialised (module docstring): every rank calls
     ``fit`` with the same arguments; rank 0 alone reads and writes ``out_dir`` (the others get its state).
+
+    A method with ``fits_on_features`` is fitted by its ``fit_features`` on frozen features instead
+    (:func:`promptclip.feature_fit.fit_on_features`): ``eval_data`` (split name -> dataset, e.g. ``val``) gives
+    it the splits it selects or searches on, ``feature_cache`` (a :class:`promptclip.features.FeatureCache`)
+    keeps the features of every augmented view, ``log`` gets its messages (e.g. views encoded vs cached).
     """
+    if method.fits_on_features:
+        from .feature_fit import fit_on_features
+
+        return fit_on_features(method, train_data, config, out_dir, device, backbone_name, backbone_fingerprint,
+                               on_step, batch_order, trackers, run_name, eval_data, feature_cache, log)
     device = torch.device(device)
     ctx = distributed.current()
     main = ctx is None or ctx.is_main

@@ -131,6 +131,14 @@ class PromptMethod(nn.Module):
     #: :func:`promptclip.checkpoint.load_teacher` (which loads the backbone the adapter names) and takes it with
     #: :meth:`set_teacher`; the run's config hash covers the teacher file's content.
     uses_teacher: ClassVar[bool] = False
+    #: The protocols the method makes sense for (None: all). A grid cell of another protocol is marked "not
+    #: applicable" before any cell runs, with ``not_applicable_reason``, and reported as such.
+    protocols: ClassVar[tuple[str, ...] | None] = None
+    not_applicable_reason: ClassVar[str] = ""
+    #: Fitted by :meth:`fit_features` on frozen image features instead of the epoch loop (module
+    #: :mod:`promptclip.feature_fit`): ``train.fit`` hands such a method the features of the augmented training
+    #: views and of the evaluation splits.
+    fits_on_features: ClassVar[bool] = False
 
     def __init__(self, backbone: CLIP, config: Any, classnames: list[str], template: str | None = None):
         super().__init__()
@@ -298,6 +306,14 @@ class PromptMethod(nn.Module):
         ``uses_teacher`` only). It follows the method's class names (``set_classnames``) and stays in eval mode."""
         raise ConfigError(f"method {self.name!r} does not use a teacher")
 
+    def fit_features(self, data: Any) -> dict[str, Any]:
+        """Fit without the epoch loop (methods with ``fits_on_features``): ``data`` is a
+        :class:`promptclip.feature_fit.FeatureFitData` (training-view features, labels, evaluation splits, batch
+        order, the run's TrainConfig, step logging). Everything learned must end up in the adapter state
+        (parameters and :meth:`trainable_buffers`); returns a JSON summary (e.g. a hyperparameter search's result),
+        stored in the adapter's JSON and the run's history."""
+        raise NotImplementedError(f"{self.name} is trained by the epoch loop, not fit_features")
+
     # -- training hooks ------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> PromptMethod:
@@ -354,6 +370,14 @@ class PromptMethod(nn.Module):
                     )
                 params[n].copy_(value)
         self._text_cache = None
+
+    # -- presets -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def preset_for(cls, protocol: str, dataset: str, shots: int) -> str | None:
+        """The official preset (``<method>/<name>``) for a protocol's cell, where the reference's settings depend on
+        the dataset or shots; None (default): the method's ``protocol``/``default`` preset as usual."""
+        return None
 
     # -- reference implementations -------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import importlib
 
 BUILTIN_METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "dcp",
                          "mugcp", "tcp", "prograd", "mma", "rpo", "mmrl", "mmrlpp", "coprompt", "dept",
-                         "promptkd")
+                         "promptkd", "tip_adapter", "linear_probe")
 
 for _module in BUILTIN_METHOD_MODULES:
     importlib.import_module(f"{__package__}.{_module}")

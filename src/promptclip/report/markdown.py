@@ -244,6 +244,22 @@ def _published_targets(protocol: str) -> tuple[str, ...]:
     return STANDARD_DATASETS[1:] if protocol == "cross_dataset" else DG_TARGETS
 
 
+def not_applicable_markdown(records: Sequence[dict]) -> list[str]:
+    """One row per (protocol, method, dataset) whose cells were not run because the method does not apply."""
+    if not records:
+        return []
+    rows = {}
+    for r in records:
+        key = (r["protocol"], str(r.get("method_label") or r["method"]), r["dataset"])
+        shots = rows.setdefault(key, (set(), r.get("reason", "")))[0]
+        shots.add(r["shots"])
+    md = ["## Not applicable", "", "Cells not run: the method does not apply to the protocol.", ""]
+    md += _md_table(["Protocol", "Method", "Dataset", "Shots", "Result"],
+                    [[p, m, d, ", ".join(map(str, sorted(shots))), f"not applicable: {reason}"]
+                     for (p, m, d), (shots, reason) in sorted(rows.items())])
+    return [*md, ""]
+
+
 def footer_markdown(notes: Sequence[str], log: PublishedLog) -> list[str]:
     """The tables' notes, the published sources shown and the std convention."""
     md: list[str] = []

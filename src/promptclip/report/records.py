@@ -27,6 +27,14 @@ _REQUIRED: dict[str, tuple[type, ...]] = {
 }
 
 
+#: ``status`` of the record of a grid cell that was not run because its method does not apply to the protocol.
+NOT_APPLICABLE = "not_applicable"
+
+
+def not_applicable(record: dict) -> bool:
+    return record.get("status") == NOT_APPLICABLE
+
+
 class RecordWarning(UserWarning):
     """A problem in the records that the report works around (truncated line, duplicate, incomplete seed)."""
 
@@ -59,10 +67,14 @@ def validate_record(record: Any, where: str) -> None:
     """Raise :class:`PromptClipError` (naming ``where``) unless ``record`` has the required fields and types."""
     if not isinstance(record, dict):
         raise PromptClipError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    missing = [k for k in _REQUIRED if k not in record]
+    if record.get("status") == NOT_APPLICABLE:  # a cell not run (the method does not apply): no accuracy
+        required = {k: v for k, v in _REQUIRED.items() if k != "accuracy"}
+    else:
+        required = _REQUIRED
+    missing = [k for k in required if k not in record]
     if missing:
         raise PromptClipError(f"{where}: record lacks the field(s) {', '.join(missing)}")
-    for key, types in _REQUIRED.items():
+    for key, types in required.items():
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise PromptClipError(f"{where}: field {key!r} has the wrong type ({value!r})")

@@ -15,10 +15,11 @@ from .markdown import (
     fewshot_markdown,
     footer_markdown,
     header_markdown,
+    not_applicable_markdown,
     transfer_markdown,
 )
 from .plots import b2n_plots, curve_plots, fewshot_plots, load_matplotlib
-from .records import PROTOCOLS, validate_record
+from .records import PROTOCOLS, not_applicable, validate_record
 from .tables import base2novel_table, cross_dataset_table, dg_table, fewshot_table
 
 
@@ -38,6 +39,8 @@ def write_report(records: Iterable[dict], out_dir: str | PathLike, plots: bool =
         raise PromptClipError("no records to report")
     for i, r in enumerate(records):
         validate_record(r, f"record {i}")
+    skipped = [r for r in records if not_applicable(r)]
+    records = [r for r in records if not not_applicable(r)]
     figure_cls = canvas_cls = None
     if plots:
         figure_cls, canvas_cls = load_matplotlib()
@@ -72,6 +75,7 @@ def write_report(records: Iterable[dict], out_dir: str | PathLike, plots: bool =
             md += transfer_markdown(tt, log, title)
             csvs.append(transfer_csv(tt, out / f"{protocol}.csv"))
             notes += tt.notes
+    md += not_applicable_markdown(skipped)
     if plots:
         pngs += curve_plots(training_curves(records, records_dir), out, figure_cls, canvas_cls)
     md += footer_markdown(notes, log)
