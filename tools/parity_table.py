@@ -45,7 +45,7 @@ def errors(name: str) -> tuple[str, float, float, float, int]:
     method.backward(losses, lambda value: value)
     params = dict(method.named_trainable())
     grad_err, checked = 0.0, 0
-    largest = max((g.get("max_abs", 0.0) for g in golden.meta.get("grads", {}).values()), default=0.0)
+    largest = max(((g or {}).get("max_abs", 0.0) for g in golden.meta.get("grads", {}).values()), default=0.0)
     for ref, ours in name_map.items():
         if ref in golden.meta["params_without_grad"]:
             continue
