@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import to_dict
 from .errors import ConfigError, PromptClipError
+from .finite import check_finite
 
 ADAPTER_FORMAT = 1
 
@@ -142,6 +143,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         tensors = load_file(tensors_path)
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"adapter tensors {tensors_path} cannot be read (truncated or corrupt?): {err}") from None
+    check_finite(tensors, f"adapter tensors {tensors_path}", AdapterError,
+                 "the file is damaged or the training that wrote it diverged; train or import it again")
     return meta, tensors
 
 

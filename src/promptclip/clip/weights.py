@@ -840,6 +840,9 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device = 
         if kind == "pretrained":
             entry = PRETRAINED[os.fspath(name_or_path)]
             declared = Declared(quick_gelu=entry.quick_gelu, by=f"the registry entry {entry.name}")
+        from ..finite import check_finite
+
+        check_finite(state_dict, f"backbone weights {where}", WeightsError, "the file is damaged; get it again")
         config, origin = choose_config(state_dict, declared, str(where), arch, quick_gelu)
         model = model_from_state_dict(state_dict, config=config, source=str(where), origin=origin)
         source = str(where)
