@@ -193,7 +193,11 @@ def load_csv_dataset(
                 )
             split = _SPLIT_VALUES[value]
         cname = row[col["classname"]].strip() if "classname" in col else None
-        entries.append((n, rel, str(full), row[col["label"]].strip(), split, cname))
+        label = row[col["label"]].strip()
+        if not label:
+            raise DataError(f"CSV dataset {csv_path} line {n}: {rel!r} has an empty label; give every row a class "
+                            "name or an integer label (or remove the row)")
+        entries.append((n, rel, str(full), label, split, cname))
     if not entries:
         raise DataError(f"CSV dataset {csv_path} has a header but no rows")
 
@@ -228,6 +232,8 @@ def _resolve_labels(csv_path: Path, entries: list) -> tuple[list[int], list[str]
         elif entries[0][5] is not None:
             by_label: dict[int, str] = {}
             for (n, _, _, _, _, cname), y in zip(entries, ints, strict=True):
+                if not cname:
+                    raise DataError(f"CSV dataset {csv_path} line {n}: label {y} has an empty 'classname'")
                 if y >= 0 and by_label.setdefault(y, cname) != cname:
                     raise DataError(
                         f"CSV dataset {csv_path} line {n}: label {y} is named {cname!r} here but "
