@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from promptclip.cli import main
 from promptclip.clip.weights import load_model
 from promptclip.data import load_splits
 from promptclip.device import check_device
 from promptclip.errors import ConfigError
+from promptclip.presets import apply_overrides, load_preset
 
 LONG_NAME = " ".join(["word"] * 100)
 TINY = ["--backbone", "tiny", "--quiet"]
@@ -44,6 +46,8 @@ class Case:
     patch: object = None
     #: Files to make in ``<out>`` before the command (a run to resume, a state to read); they must be unchanged.
     out_files: dict[str, str] = field(default_factory=dict)
+    #: The name of a folder of :func:`inputs` copied to ``<out>`` before the command; it must be unchanged.
+    out_from: str | None = None
 
 
 def no_cuda_build(monkeypatch):
@@ -162,6 +166,11 @@ CASES: dict[str, Case] = {
     "--set eval.batch_size=0": Case([*RUN, "--set", "eval.batch_size=0"], ["eval.batch_size must be at least 1"]),
     "--set train.max_epoch=abc": Case([*TRAIN, "--set", "train.max_epoch=abc"], ["train.max_epoch", "'abc'"]),
     "--set method_config.n_ctx=0": Case([*TRAIN, "--set", "method_config.n_ctx=0"], ["n_ctx must be at least 1"]),
+    "--set train.lr=nan": Case([*TRAIN, "--set", "train.lr=nan"], ["train.lr", "expected a finite number, got 'nan'"]),
+    "--set train.lr=1e-3x": Case([*TRAIN, "--set", "train.lr=1e-3x"], ["train.lr", "expected a number, got '1e-3x'"]),
+    "--set train.max_epoch=1e1": Case([*TRAIN, "--set", "train.max_epoch=1e1"],
+                                      ["train.max_epoch", "expected an integer, got '1e1'"]),
+    "preset lr: .inf": Case([*TRAIN, "--preset", "<inf_yaml>"], ["inf.yaml", "train.lr", "expected a finite number"]),
     # -- names -----------------------------------------------------------------------------------------------------
     "--method misspelt": Case([*TRAIN[:2], "mapel", *TRAIN[3:]], ["unknown method 'mapel'", "did you mean 'maple'"]),
     "protocol misspelt": Case(["run", "fewshto", *RUN[2:]], ["unknown protocol 'fewshto'"]),
@@ -191,6 +200,10 @@ CASES: dict[str, Case] = {
     "CSV missing image": Case([*EVAL, "--dataset", "csv:<noimage_csv>"], ["noimage.csv line 2", "image not found"]),
     "CSV bad split value": Case([*EVAL, "--dataset", "csv:<badsplit_csv>"], ["split 'testing'"]),
     "CSV label out of range": Case([*EVAL, "--dataset", "csv:<range_csv>"], ["range.csv line 3", "label 5"]),
+    "CSV row with an empty label": Case([*EVAL, "--dataset", "csv:<nolabel_csv>"],
+                                        ["nolabel.csv line 3", "'1.jpg' has an empty label"]),
+    "CSV row with an empty classname": Case([*EVAL, "--dataset", "csv:<noname_csv>"],
+                                            ["noname.csv line 3", "label 1 has an empty 'classname'"]),
     "CSV one image per class": Case([*EVAL, "--dataset", "csv:<tiny_csv>"], ["class 'cat' has only 1 image"]),
     "CSV without test rows": Case([*EVAL, "--dataset", "csv:<notest_csv>"], ["dataset notest has no test images"]),
     "run on a dataset without test rows": Case([*RUN[:5], "csv:<notest_csv>", *RUN[6:]], ["notest has no test"]),
@@ -241,6 +254,23 @@ CASES: dict[str, Case] = {
                                                "eurosat-sample", "--classnames", "a,b"], ["--dataset or --classnames"]),
     "import duplicate --classnames": Case(["import", "<file>", "--method", "coop", "--out", "<out>", "--classnames",
                                            "cat,Cat"], ["'cat' = 'Cat'"]),
+    # -- tensors that are not finite -------------------------------------------------------------------------------
+    "eval an adapter holding NaN": Case(
+        [*EVAL[:1], "--adapter", "<nan_adapter>", "--dataset", "eurosat-sample", "--quiet"],
+        ["adapter tensors <nan_adapter>/adapter.safetensors", "tensor 'ctx' has 3 of", "values that are not finite"]),
+    "predict with an adapter holding NaN": Case([*PREDICT, "--adapter", "<nan_adapter>"],
+                                                ["<nan_adapter>", "tensor 'ctx' has 3 of"]),
+    "run --adapter holding NaN": Case([*RUN[:3], "coop", *RUN[4:], "--adapter", "coop=<nan_adapter>"],
+                                      ["<nan_adapter>", "tensor 'ctx' has 3 of"]),
+    "train --init-adapter holding NaN": Case([*TRAIN, "--init-adapter", "<nan_adapter>"],
+                                             ["<nan_adapter>", "tensor 'ctx' has 3 of"]),
+    "resume a training state holding Inf": Case(
+        [*TRAIN[:4], "folder:<two_class>", *TRAIN[5:], "--set", "train.max_epoch=1"],
+        ["training state <out>/train_state-epoch0.safetensors", "tensor 'momentum.ctx' has 1 of", "not finite"],
+        out_from="inf_state_run"),
+    "import a checkpoint holding NaN": Case(
+        ["import", "<nan_dassl>", "--method", "coop", "--out", "<out>", "--classnames", "a,b", *TINY],
+        ["model.pth.tar-1", "tensor 'prompt_learner.ctx' has 2 of 2,048 values that are not finite"]),
     # -- captions (MuGCP) ------------------------------------------------------------------------------------------
     "mugcp without captions": Case([*TRAIN[:2], "mugcp", *TRAIN[3:]], ["'mugcp' needs one caption per image"]),
     "mugcp with captions for one image": Case([*TRAIN[:2], "mugcp", *TRAIN[3:], "--captions", "<partial_captions>"],
@@ -283,13 +313,15 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         "tiny": "path,label\n0.jpg,cat\n1.jpg,dog\n",
         "notest": "path,label,split\n0.jpg,cat,train\n1.jpg,dog,train\n2.jpg,cat,val\n",
         "ints": "path,label\n0.jpg,0\n1.jpg,1\n",
+        "nolabel": "path,label\n0.jpg,cat\n1.jpg, \n2.jpg,dog\n",
+        "noname": "path,label,classname\n0.jpg,0,cat\n1.jpg,1,\n2.jpg,1,dog\n",
     }
     for name, text in rows.items():
         (csvs / f"{name}.csv").write_text(text)
     (csvs / "ints.classnames.txt").write_text("a\na\n")
     (csvs / "binary.csv").write_bytes(b"\xff\xfe\x00p\x00a\x00t\x00h")
     presets = {"bad": "method: coop\ntrain: [1,\n", "list": "- method\n- coop\n", "train5": "method: coop\ntrain: 5\n",
-               "typo": "method: coop\ntrian: {}\n"}
+               "typo": "method: coop\ntrian: {}\n", "inf": "method: coop\ntrain:\n  lr: .inf\n"}
     for name, text in presets.items():
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
@@ -316,6 +348,22 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     tensors = root / "truncated_adapter" / "adapter.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:40])
     paths["adapter"] = adapter
+    # Not finite: an adapter with three NaN, a training state with one Inf, a reference checkpoint with two NaN.
+    shutil.copytree(adapter, root / "nan_adapter")
+    tensors = load_file(root / "nan_adapter" / "adapter.safetensors")
+    tensors["ctx"][0, :3] = float("nan")
+    save_file(tensors, root / "nan_adapter" / "adapter.safetensors")
+    shutil.copytree(adapter, root / "inf_state_run")
+    state = root / "inf_state_run" / "train_state-epoch0.safetensors"
+    tensors = load_file(state)
+    tensors["momentum.ctx"][1, 1] = float("-inf")
+    save_file(tensors, state)
+    nan_dassl = root / "nan_dassl" / "prompt_learner" / "model.pth.tar-1"
+    nan_dassl.parent.mkdir(parents=True)
+    ctx = torch.zeros(16, 128)
+    ctx[2, 5:7] = float("nan")
+    torch.save({"state_dict": {"ctx": ctx}, "epoch": 1}, nan_dassl)
+    paths.update(nan_adapter=root / "nan_adapter", inf_state_run=root / "inf_state_run", nan_dassl=root / "nan_dassl")
     # A finished zero-shot grid: its records for `report`, its cell directory for a damaged done marker.
     grid = root / "grid"
     argv = [fill(a, {"out": str(grid), "two_class": str(root / "two_class")}) for a in SMALL_RUN]
@@ -354,6 +402,8 @@ def test_bad_input_is_a_one_paragraph_user_error_and_writes_nothing(name, inputs
         pytest.skip("needs a /sys that refuses new folders (Linux)")
     out = tmp_path / "out"
     values = {**inputs, "out": str(out)}
+    if case.out_from is not None:
+        shutil.copytree(inputs[case.out_from], out)
     for rel, text in case.out_files.items():
         target = out / fill(rel, values)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +423,7 @@ def test_bad_input_is_a_one_paragraph_user_error_and_writes_nothing(name, inputs
     said = " ".join(paragraph.split())
     for fragment in case.says:
         assert " ".join(fill(fragment, values).split()) in said, f"{fragment!r} not in: {said}"
-    if case.out_files:
+    if case.out_files or case.out_from:
         assert listing(out) == before, "the output directory was written to"
     else:
         assert not out.exists(), f"the output directory was created: {listing(out)}"
@@ -389,3 +439,20 @@ def test_device_check_says_what_torch_reports(monkeypatch):
     assert check_device("cuda:0") == "cuda:0"
     with pytest.raises(ConfigError, match=r"--device cuda:3: only 1 GPU\(s\) are visible"):
         check_device("cuda:3")
+
+
+@pytest.mark.parametrize("text", ["0.002", "2e-3", "2E-3", "2.0e-3", "+2e-3", "0.000_2e1"])
+def test_every_spelling_of_a_number_is_accepted_in_overrides_and_preset_files(text, tmp_path):
+    preset = load_preset("coop/vit_b16")
+    assert apply_overrides(preset, [f"train.lr={text}"]).train.lr == 0.002
+    for value in (text, f"'{text}'"):  # as YAML reads it (2e-3 is a string in YAML 1.1), and quoted
+        file = tmp_path / "lr.yaml"
+        file.write_text(f"method: coop\ntrain:\n  lr: {value}\n")
+        assert load_preset(file).train.lr == 0.002
+
+
+@pytest.mark.parametrize("text,value", [("10", 10), ("+10", 10), ("1_0", 10), (" 10 ", 10)])
+def test_every_spelling_of_an_integer_is_accepted(text, value):
+    preset = load_preset("coop/vit_b16")
+    assert apply_overrides(preset, [f"train.max_epoch={text}"]).train.max_epoch == value
+    assert apply_overrides(preset, [f"train.max_epoch='{text}'"]).train.max_epoch == value
