@@ -135,8 +135,12 @@ def _feature_cache(value: Path | str | None):
 
 
 def _feature_cache_location(text: str) -> Path | str:
-    """``off``, or a directory the cache can be created in (checked before any work)."""
-    return "off" if text == "off" else output_location(directory=True)(text)
+    """``off``, an existing directory (one promptclip cannot write still serves its hits: features.FeatureCache),
+    or a directory the cache can be created in (checked before any work)."""
+    if text == "off":
+        return text
+    path = Path(text).expanduser()
+    return path if path.is_dir() else output_location(directory=True)(text)
 
 
 _feature_cache_location.__name__ = "feature cache directory"
