@@ -271,6 +271,15 @@ CASES: dict[str, Case] = {
     "import a checkpoint holding NaN": Case(
         ["import", "<nan_dassl>", "--method", "coop", "--out", "<out>", "--classnames", "a,b", *TINY],
         ["model.pth.tar-1", "tensor 'prompt_learner.ctx' has 2 of 2,048 values that are not finite"]),
+    # -- plugins -----------------------------------------------------------------------------------------------------
+    "--plugin calls sys.exit() at import": Case(
+        [*TRAIN, "--plugin", "<exit_plugin>"],
+        ["plugin file <exit_plugin> ended the process", "SystemExit: None", 'if __name__ == "__main__":']),
+    "--plugin is a training script": Case(
+        ["list", "methods", "--plugin", "<script_plugin>"],
+        ["plugin file <script_plugin> ended the process", "SystemExit: 2",
+         "the following arguments are required: --lr", 'if __name__ == "__main__":']),
+    "--plugin is a folder": Case([*TRAIN, "--plugin", "<empty>"], ["<empty> is a folder, not a Python file"]),
     # -- captions (MuGCP) ------------------------------------------------------------------------------------------
     "mugcp without captions": Case([*TRAIN[:2], "mugcp", *TRAIN[3:]], ["'mugcp' needs one caption per image"]),
     "mugcp with captions for one image": Case([*TRAIN[:2], "mugcp", *TRAIN[3:], "--captions", "<partial_captions>"],
@@ -326,12 +335,17 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
     (root / "range_order.json").write_text("[[[0, 99999]]]")
+    (root / "exits.py").write_text("import sys\n\nsys.exit()\n")
+    (root / "train_script.py").write_text("import argparse\n\nparser = argparse.ArgumentParser()\n"
+                                          "parser.add_argument('--lr', type=float, required=True)\n"
+                                          "args = parser.parse_args()\n")
     paths = {"inputs": root, "file": root / "afile", "empty": root / "empty", "img": image,
              **{f"{n}_folder": root / f"{n}_folder" for n in ("dup", "hole")}, "one_class": root / "one_class",
              "two_class": root / "two_class",
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
-             "range_order": root / "range_order.json"}
+             "range_order": root / "range_order.json", "exit_plugin": root / "exits.py",
+             "script_plugin": root / "train_script.py"}
     # A plain state dict of the tiny architecture (as open_clip or a fine-tuning script saves one).
     torch.save(load_model("tiny").state_dict(), root / "weights.pt")
     paths["weights"] = root / "weights.pt"
@@ -456,3 +470,9 @@ def test_every_spelling_of_an_integer_is_accepted(text, value):
     preset = load_preset("coop/vit_b16")
     assert apply_overrides(preset, [f"train.max_epoch={text}"]).train.max_epoch == value
     assert apply_overrides(preset, [f"train.max_epoch='{text}'"]).train.max_epoch == value
+
+
+def test_a_plugin_running_argparse_prints_no_usage_line_of_its_own(inputs, capsys):
+    assert main(["list", "methods", "--plugin", inputs["script_plugin"]]) == 2
+    captured = capsys.readouterr()
+    assert "usage:" not in captured.err + captured.out and "--lr LR" not in captured.err

@@ -226,6 +226,23 @@ def test_broken_entry_point_names_its_package(toy_package, capsys):
     assert "method 'toy_shift' from package toyplug 0.1 failed to import: RuntimeError: toy is broken" in err
 
 
+def test_entry_point_calling_sys_exit_names_its_package(toy_package, capsys):
+    (toy_package / "toyplug" / "__init__.py").write_text("import sys\nsys.exit(3)\n")
+    assert main(["train", "--method", "toy_shift", *SAMPLE, *FAST, "--out", "unused"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "method 'toy_shift' from package toyplug 0.1 ended the process" in err and "SystemExit: 3" in err
+
+
+def test_a_folder_named_as_a_module_is_said_to_be_a_folder(tmp_path, monkeypatch, capsys, isolated_registry):
+    (tmp_path / "my_methods").mkdir()
+    monkeypatch.chdir(tmp_path)  # the folder is here, but the current directory is not on the Python path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert main(["list", "methods", "--plugin", "my_methods"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "plugin 'my_methods': my_methods is a folder, not a module on the Python path" in err
+    assert "no module named" not in err
+
+
 def test_cluster_jobs_refuse_a_method_defined_in_main(isolated_registry, toy_file):
     from promptclip.cluster import job_plugins
     from promptclip.errors import ConfigError
