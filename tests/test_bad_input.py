@@ -211,6 +211,16 @@ CASES: dict[str, Case] = {
                                                 ["ints.classnames.txt lists ['a'] more than once"]),
     "folder without class folders": Case([*EVAL, "--dataset", "folder:<empty>"], ["no class folders found"]),
     "folder with an empty class": Case([*EVAL, "--dataset", "folder:<hole_folder>"], ["empty", "contains no images"]),
+    "folder with a class folder not in UTF-8": Case(
+        [*EVAL, "--dataset", "folder:<latin1_classes>"],
+        ["<latin1_classes> holds a folder whose name is not UTF-8: b'caf\\xe9'", "convmv -f latin1 -t utf-8"]),
+    "folder with image file names not in UTF-8": Case(
+        [*TRAIN[:4], "folder:<latin1_files>", *TRAIN[5:]],
+        ["<latin1_files>/forest holds an image file whose name is not UTF-8: b'img\\xff0.jpg'"]),
+    "run on a folder path not in UTF-8": Case([*RUN[:5], "folder:<inputs>/data_caf\udce9", *RUN[6:]],
+                                              ["dataset folder:<inputs>/data_caf\\xe9 is not a UTF-8 name"]),
+    "--out not in UTF-8": Case([*TRAIN[:-4], "<out>/caf\udce9", *TINY],
+                               ["the output directory <out>/caf\\xe9 is not a UTF-8 name"]),
     "base2novel on one class": Case([*RUN[:5], "folder:<one_class>", *RUN[6:]], ["has 1 class", "at least 2"]),
     # -- presets and --set -----------------------------------------------------------------------------------------
     "preset not YAML": Case([*TRAIN, "--preset", "<bad_yaml>"], ["bad.yaml is not valid YAML"]),
@@ -335,6 +345,16 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
     (root / "range_order.json").write_text("[[[0, 99999]]]")
+    try:  # names in Latin-1 bytes (Linux file systems take any bytes; others may refuse them)
+        write_images(root / "latin1_classes" / "caf\udce9", 3, image)
+        write_images(root / "latin1_classes" / "river", 3, image)
+        (root / "latin1_files" / "forest").mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(image, root / "latin1_files" / "forest" / f"img\udcff{i}.jpg")
+        write_images(root / "latin1_files" / "river", 3, image)
+        (root / "data_caf\udce9").mkdir()
+    except (OSError, UnicodeEncodeError):
+        pass
     (root / "exits.py").write_text("import sys\n\nsys.exit()\n")
     (root / "train_script.py").write_text("import argparse\n\nparser = argparse.ArgumentParser()\n"
                                           "parser.add_argument('--lr', type=float, required=True)\n"
@@ -345,7 +365,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
              "range_order": root / "range_order.json", "exit_plugin": root / "exits.py",
-             "script_plugin": root / "train_script.py"}
+             "script_plugin": root / "train_script.py",
+             **{n: root / n for n in ("latin1_classes", "latin1_files") if (root / n).exists()}}
     # A plain state dict of the tiny architecture (as open_clip or a fine-tuning script saves one).
     torch.save(load_model("tiny").state_dict(), root / "weights.pt")
     paths["weights"] = root / "weights.pt"
@@ -414,6 +435,8 @@ def test_bad_input_is_a_one_paragraph_user_error_and_writes_nothing(name, inputs
     case = CASES[name]
     if "/sys/" in " ".join(case.argv) and (not Path("/sys").is_dir() or sys_is_writable()):
         pytest.skip("needs a /sys that refuses new folders (Linux)")
+    if any("<latin1" in arg or "caf\udce9" in arg for arg in case.argv) and "latin1_files" not in inputs:
+        pytest.skip("needs a file system that takes names in any bytes")
     out = tmp_path / "out"
     values = {**inputs, "out": str(out)}
     if case.out_from is not None:

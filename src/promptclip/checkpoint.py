@@ -26,6 +26,7 @@ from . import __version__
 from .config import to_dict
 from .errors import ConfigError, PromptClipError
 from .finite import check_finite
+from .utf8names import check_utf8_path
 
 ADAPTER_FORMAT = 1
 
@@ -40,6 +41,7 @@ def check_output_location(path: str | os.PathLike, directory: bool = True) -> Pa
     fails before anything is computed or written."""
     path = Path(path).expanduser()
     kind = "directory" if directory else "file"
+    check_utf8_path(path, f"the output {kind}", ConfigError)
     if path.exists():
         if directory and not path.is_dir():
             raise ConfigError(f"{path} is an existing file, not a directory: pass a directory (new or existing)")

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import DataError
+from ..utf8names import check_utf8_path
 from .files import list_images, subdirs
 from .protocol import DEFAULT_SPLIT_SEED, read_split, split_by_class
 from .protocol import write_split as save_split_file
@@ -60,6 +61,7 @@ def load_folder_dataset(
     if not root.is_dir():
         raise DataError(f"custom dataset folder {root} not found (expected ROOT/<class>/*.jpg)")
     root = root.resolve()
+    check_utf8_path(root, "custom dataset folder")
     name = root.name
     split_path = root / FOLDER_SPLIT_FILE
     if split_path.is_file():
@@ -151,6 +153,7 @@ def load_csv_dataset(
     if not csv_path.is_file():
         raise DataError(f"CSV dataset file {csv_path} not found")
     csv_path = csv_path.resolve()
+    check_utf8_path(csv_path, "CSV dataset")
     base = csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
