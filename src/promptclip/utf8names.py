@@ -45,4 +45,5 @@ def check_utf8_path(path: str | os.PathLike, what: str, error: type[Exception] =
     text = os.fspath(path)
     if not is_utf8(text):
         raise error(f"{what} {shown(text)} is not a UTF-8 name; promptclip writes paths into records, run folders "
-                    f"and reports as UTF-8 text, so {_rename_hint('FOLDER')}")
+                    "and reports as UTF-8 text: give a UTF-8 path (an existing folder named in Latin-1 is renamed with "
+                    "convmv -f latin1 -t utf-8 -r FOLDER, which shows the renames; --notest makes them)")
