@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from promptclip.cli import main
@@ -221,6 +222,11 @@ CASES: dict[str, Case] = {
                                               ["dataset folder:<inputs>/data_caf\\xe9 is not a UTF-8 name"]),
     "--out not in UTF-8": Case([*TRAIN[:-4], "<out>/caf\udce9", *TINY],
                                ["the output directory <out>/caf\\xe9 is not a UTF-8 name"]),
+    "train on a folder with a decompression bomb": Case(
+        [*TRAIN[:4], "folder:<bomb_folder>", *TRAIN[5:]],
+        ["cannot decode image <bomb_folder>/forest/", "DecompressionBomb"]),
+    "run on a folder with a decompression bomb": Case(
+        [*RUN[:5], "folder:<bomb_folder>", *RUN[6:]], ["cannot decode image <bomb_folder>/forest/"]),
     "base2novel on one class": Case([*RUN[:5], "folder:<one_class>", *RUN[6:]], ["has 1 class", "at least 2"]),
     # -- presets and --set -----------------------------------------------------------------------------------------
     "preset not YAML": Case([*TRAIN, "--preset", "<bad_yaml>"], ["bad.yaml is not valid YAML"]),
@@ -317,6 +323,12 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     for name in ("forest", "river"):
         write_images(root / "two_class" / name, 4, image)
     write_images(root / "hole_folder" / "full", 3, image)
+    # Images whose pixel count is past PIL's decompression-bomb limit (2 x 89,478,485): 28 kB files, no decoder runs.
+    write_images(root / "bomb_folder" / "river", 4, image)
+    (root / "bomb_folder" / "forest").mkdir()
+    Image.new("1", (15000, 15000)).save(root / "bomb_folder" / "forest" / "0.png")
+    for i in range(1, 4):
+        shutil.copy(root / "bomb_folder" / "forest" / "0.png", root / "bomb_folder" / "forest" / f"{i}.png")
     (root / "hole_folder" / "empty").mkdir()
     csvs = root / "csv"
     write_images(csvs, 4, image)
@@ -361,7 +373,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
                                           "args = parser.parse_args()\n")
     paths = {"inputs": root, "file": root / "afile", "empty": root / "empty", "img": image,
              **{f"{n}_folder": root / f"{n}_folder" for n in ("dup", "hole")}, "one_class": root / "one_class",
-             "two_class": root / "two_class",
+             "two_class": root / "two_class", "bomb_folder": root / "bomb_folder",
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
              "range_order": root / "range_order.json", "exit_plugin": root / "exits.py",
