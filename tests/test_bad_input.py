@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,21 @@ def cuda_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "init", init)
+
+
+def no_huggingface_hub(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` raises ImportError
+
+
+def hub_without_the_repository(monkeypatch):
+    import httpx
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    def download(repo_id, filename, **kwargs):
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/{repo_id}"))
+        raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for {repo_id}", response=response)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
 
 
 CASES: dict[str, Case] = {
@@ -123,6 +139,16 @@ CASES: dict[str, Case] = {
     "--backbone unknown name": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "ViT-B/17"], ["'ViT-B/17'"]),
     "--backbone not weights": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<file>"],
                                    ["<file>", "not a format promptclip can read"]),
+    "--backbone hf-hub: without a repository": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "hf-hub:"],
+                                                    ["'hf-hub:' names no repository", "hf-hub:<org>/<repo>"]),
+    "--backbone hf-hub: without huggingface_hub": Case(
+        [*PREDICT[:2], "--classnames", "a,b", "--backbone", "hf-hub:someorg/some-clip"],
+        ["hf-hub:someorg/some-clip (someorg/some-clip on the Hugging Face Hub)",
+         "huggingface_hub, which is not installed", "https://huggingface.co/someorg/some-clip"],
+        patch=no_huggingface_hub),
+    "--backbone hf-hub: repository not found": Case(
+        [*PREDICT[:2], "--classnames", "a,b", "--backbone", "hf-hub:someorg/some-clip"],
+        ["hf-hub:someorg/some-clip: the Hub has no repository someorg/some-clip"], patch=hub_without_the_repository),
     "--backbone-arch on a test backbone": Case([*PREDICT, "--classnames", "a,b", "--backbone-arch", "ViT-B-16"],
                                                ["tiny is a test backbone", "--backbone-arch"]),
     "--backbone-arch unknown": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<weights>",

@@ -795,7 +795,7 @@ def _resolve_hub(name: str, cache_dir: str | os.PathLike | None) -> tuple[Path, 
     if name.startswith(openclip.OPEN_CLIP_PREFIX):
         entry = openclip.lookup(name)
     else:
-        repo_id = name[len(openclip.HF_HUB_PREFIX):].strip("/")
+        repo_id = openclip.hub_repo(name)
         entry = openclip.entry_for_repo(repo_id)
     if entry is not None:
         activation = "--quick-gelu" if entry.quick_gelu else "--gelu"
