@@ -135,6 +135,9 @@ CASES: dict[str, Case] = {
     "--classnames file missing": Case([*PREDICT, "--classnames", "classes.txt"], ["'classes.txt' looks like a file"]),
     "--adapter missing": Case([*PREDICT, "--adapter", "<inputs>/none"], ["<inputs>/none", "does not exist"]),
     "--adapter metadata not JSON": Case([*PREDICT, "--adapter", "<bad_json_adapter>"], ["is not valid JSON"]),
+    "--adapter of an unknown method said to be built in": Case(
+        [*PREDICT, "--adapter", "<unknown_method_adapter>"],
+        ["unknown method 'coopx'", "promptclip.methods.coop of this promptclip defines no method 'coopx'"]),
     "--adapter tensors truncated": Case([*PREDICT, "--adapter", "<truncated_adapter>"], ["cannot be read"]),
     "--backbone unknown name": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "ViT-B/17"], ["'ViT-B/17'"]),
     "--backbone not weights": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<file>"],
@@ -281,6 +284,9 @@ CASES: dict[str, Case] = {
     "--batch-order not JSON": Case([*TRAIN, "--batch-order", "<file>"], ["batch order file <file>"]),
     "--batch-order index out of range": Case([*TRAIN, "--batch-order", "<range_order>"],
                                              ["index 99999", "the dataset has 10 samples"]),
+    "--batch-order with more epochs than max_epoch": Case(
+        [*TRAIN, "--batch-order", "<two_epoch_order>", "--set", "train.max_epoch=1"],
+        ["batch order file <two_epoch_order> has 2 epoch(s), the run has max_epoch=1"]),
     "--init-adapter missing": Case([*TRAIN, "--init-adapter", "<inputs>/none"], ["<inputs>/none.safetensors"]),
     "run --adapter without =": Case([*RUN, "--adapter", "coop"], ["--adapter 'coop'", "METHOD=PATH"]),
     "run --adapter for another method": Case([*RUN, "--adapter", "maple=<adapter>"], ["--adapter for maple"]),
@@ -383,6 +389,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
     (root / "range_order.json").write_text("[[[0, 99999]]]")
+    (root / "two_epoch_order.json").write_text("[[[0, 1]], [[2, 3]]]")
     try:  # names in Latin-1 bytes (Linux file systems take any bytes; others may refuse them)
         write_images(root / "latin1_classes" / "caf\udce9", 3, image)
         write_images(root / "latin1_classes" / "river", 3, image)
@@ -402,7 +409,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
              "two_class": root / "two_class", "bomb_folder": root / "bomb_folder",
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
-             "range_order": root / "range_order.json", "exit_plugin": root / "exits.py",
+             "range_order": root / "range_order.json", "two_epoch_order": root / "two_epoch_order.json",
+             "exit_plugin": root / "exits.py",
              "script_plugin": root / "train_script.py",
              **{n: root / n for n in ("latin1_classes", "latin1_files") if (root / n).exists()}}
     # A plain state dict of the tiny architecture (as open_clip or a fine-tuning script saves one).
@@ -412,12 +420,13 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     adapter = root / "adapter"
     assert main(["train", "--method", "coop", "--dataset", f"folder:{root / 'two_class'}", "--shots", "1", "--set",
                  "train.max_epoch=1", "--out", str(adapter), *TINY]) == 0
-    for name in ("dup_adapter", "bad_json_adapter", "truncated_adapter"):
+    for name in ("dup_adapter", "bad_json_adapter", "truncated_adapter", "unknown_method_adapter"):
         shutil.copytree(adapter, root / name)
         paths[name] = root / name
     meta = json.loads((adapter / "adapter.json").read_text())
     (root / "dup_adapter" / "adapter.json").write_text(json.dumps({**meta, "classnames": ["River", "river"]}))
     (root / "bad_json_adapter" / "adapter.json").write_text('{"method": "coop",')
+    (root / "unknown_method_adapter" / "adapter.json").write_text(json.dumps({**meta, "method": "coopx"}))
     tensors = root / "truncated_adapter" / "adapter.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:40])
     paths["adapter"] = adapter

@@ -162,6 +162,10 @@ def check_method_available(meta: Mapping[str, Any], path: str | Path) -> None:
         source = MethodSource.from_dict(meta.get("method_source"))
         if source is None:
             raise AdapterError(f"adapter {path}: {err}") from None
+        if source.kind == "builtin" and _module_exists(source.spec):
+            raise AdapterError(f"adapter {path}: {err}. Its metadata calls it a built-in method ({source.spec}), but "
+                               f"{source.spec} of this promptclip defines no method {meta['method']!r}: the adapter's "
+                               "metadata was edited or written by another program") from None
         raise AdapterError(f"adapter {path} was trained with method {meta['method']!r}, which is not loaded: "
                            f"{source.how_to_load()}") from None
 
@@ -203,6 +207,15 @@ def init_from_adapter(method, path: str | Path, backbone_fingerprint: str | None
     except ConfigError as err:
         raise AdapterError(f"adapter {path} cannot initialise this {method.name} configuration: {err}") from None
     return meta
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_backbone(path: str | Path, meta: Mapping[str, Any], fingerprint: str | None) -> None:

@@ -284,6 +284,8 @@ def cmd_train(args) -> int:
                    split_groups(args, args.dataset, "train", args.shots, args.seed, args.subsample))
     splits = protocol_splits(args.dataset, args.root, num_shots=args.shots, seed=args.seed, subsample=args.subsample)
     splits.nonempty("train")  # data errors before any weights load
+    if batch_order is not None:
+        batch_order = _check_batch_order_file(args.batch_order, batch_order, len(splits.train), preset.train)
     backbone = _load_backbone(args.backbone or preset.backbone, args)
     from .methods import create_method
 
@@ -307,6 +309,19 @@ def cmd_train(args) -> int:
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(backbone.name))
     return 0
+
+
+def _check_batch_order_file(path: str, order, dataset_size: int, train) -> list[list[list[int]]]:
+    """The batch order of ``--batch-order`` checked against the training split and ``train.max_epoch``, naming the
+    file, before any weights load."""
+    from .data.loader import check_batch_order
+
+    where = f"batch order file {path}"
+    order = check_batch_order(order, dataset_size, where)
+    if len(order) != train.max_epoch:
+        raise ConfigError(f"{where} has {len(order)} epoch(s), the run has max_epoch={train.max_epoch}; give one list "
+                          f"of batches per epoch, or --set train.max_epoch={len(order)}")
+    return order
 
 
 def cmd_eval(args) -> int:
