@@ -223,13 +223,16 @@ def cmd_list(args) -> int:
     elif args.what == "backbones":
         _list_backbones()
     else:
-        from .presets import list_presets, load_preset
+        from .presets import inherited_presets, list_presets, load_preset
 
+        inherited = inherited_presets()
         for name in list_presets():
             preset = load_preset(name)
             train = preset.train
             summary = (f"batch {train.batch_size}, lr {train.lr}, {train.max_epoch} epochs" if train
                        else "no training")
+            if name in inherited:
+                summary += f"  [inherited from {inherited[name]}]"
             _say(f"{name:60s} {summary}")
     return 0
 
