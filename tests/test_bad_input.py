@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from promptclip.cli import main
 from promptclip.clip.weights import load_model
 from promptclip.data import load_splits
 from promptclip.device import check_device
 from promptclip.errors import ConfigError
+from promptclip.presets import apply_overrides, load_preset
 
 LONG_NAME = " ".join(["word"] * 100)
 TINY = ["--backbone", "tiny", "--quiet"]
@@ -44,6 +48,8 @@ class Case:
     patch: object = None
     #: Files to make in ``<out>`` before the command (a run to resume, a state to read); they must be unchanged.
     out_files: dict[str, str] = field(default_factory=dict)
+    #: The name of a folder of :func:`inputs` copied to ``<out>`` before the command; it must be unchanged.
+    out_from: str | None = None
 
 
 def no_cuda_build(monkeypatch):
@@ -57,6 +63,21 @@ def cuda_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "init", init)
+
+
+def no_huggingface_hub(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` raises ImportError
+
+
+def hub_without_the_repository(monkeypatch):
+    import httpx
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    def download(repo_id, filename, **kwargs):
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/{repo_id}"))
+        raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for {repo_id}", response=response)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
 
 
 CASES: dict[str, Case] = {
@@ -114,10 +135,23 @@ CASES: dict[str, Case] = {
     "--classnames file missing": Case([*PREDICT, "--classnames", "classes.txt"], ["'classes.txt' looks like a file"]),
     "--adapter missing": Case([*PREDICT, "--adapter", "<inputs>/none"], ["<inputs>/none", "does not exist"]),
     "--adapter metadata not JSON": Case([*PREDICT, "--adapter", "<bad_json_adapter>"], ["is not valid JSON"]),
+    "--adapter of an unknown method said to be built in": Case(
+        [*PREDICT, "--adapter", "<unknown_method_adapter>"],
+        ["unknown method 'coopx'", "promptclip.methods.coop of this promptclip defines no method 'coopx'"]),
     "--adapter tensors truncated": Case([*PREDICT, "--adapter", "<truncated_adapter>"], ["cannot be read"]),
     "--backbone unknown name": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "ViT-B/17"], ["'ViT-B/17'"]),
     "--backbone not weights": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<file>"],
                                    ["<file>", "not a format promptclip can read"]),
+    "--backbone hf-hub: without a repository": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "hf-hub:"],
+                                                    ["'hf-hub:' names no repository", "hf-hub:<org>/<repo>"]),
+    "--backbone hf-hub: without huggingface_hub": Case(
+        [*PREDICT[:2], "--classnames", "a,b", "--backbone", "hf-hub:someorg/some-clip"],
+        ["hf-hub:someorg/some-clip (someorg/some-clip on the Hugging Face Hub)",
+         "huggingface_hub, which is not installed", "https://huggingface.co/someorg/some-clip"],
+        patch=no_huggingface_hub),
+    "--backbone hf-hub: repository not found": Case(
+        [*PREDICT[:2], "--classnames", "a,b", "--backbone", "hf-hub:someorg/some-clip"],
+        ["hf-hub:someorg/some-clip: the Hub has no repository someorg/some-clip"], patch=hub_without_the_repository),
     "--backbone-arch on a test backbone": Case([*PREDICT, "--classnames", "a,b", "--backbone-arch", "ViT-B-16"],
                                                ["tiny is a test backbone", "--backbone-arch"]),
     "--backbone-arch unknown": Case([*PREDICT[:2], "--classnames", "a,b", "--backbone", "<weights>",
@@ -162,6 +196,11 @@ CASES: dict[str, Case] = {
     "--set eval.batch_size=0": Case([*RUN, "--set", "eval.batch_size=0"], ["eval.batch_size must be at least 1"]),
     "--set train.max_epoch=abc": Case([*TRAIN, "--set", "train.max_epoch=abc"], ["train.max_epoch", "'abc'"]),
     "--set method_config.n_ctx=0": Case([*TRAIN, "--set", "method_config.n_ctx=0"], ["n_ctx must be at least 1"]),
+    "--set train.lr=nan": Case([*TRAIN, "--set", "train.lr=nan"], ["train.lr", "expected a finite number, got 'nan'"]),
+    "--set train.lr=1e-3x": Case([*TRAIN, "--set", "train.lr=1e-3x"], ["train.lr", "expected a number, got '1e-3x'"]),
+    "--set train.max_epoch=1e1": Case([*TRAIN, "--set", "train.max_epoch=1e1"],
+                                      ["train.max_epoch", "expected an integer, got '1e1'"]),
+    "preset lr: .inf": Case([*TRAIN, "--preset", "<inf_yaml>"], ["inf.yaml", "train.lr", "expected a finite number"]),
     # -- names -----------------------------------------------------------------------------------------------------
     "--method misspelt": Case([*TRAIN[:2], "mapel", *TRAIN[3:]], ["unknown method 'mapel'", "did you mean 'maple'"]),
     "protocol misspelt": Case(["run", "fewshto", *RUN[2:]], ["unknown protocol 'fewshto'"]),
@@ -191,6 +230,10 @@ CASES: dict[str, Case] = {
     "CSV missing image": Case([*EVAL, "--dataset", "csv:<noimage_csv>"], ["noimage.csv line 2", "image not found"]),
     "CSV bad split value": Case([*EVAL, "--dataset", "csv:<badsplit_csv>"], ["split 'testing'"]),
     "CSV label out of range": Case([*EVAL, "--dataset", "csv:<range_csv>"], ["range.csv line 3", "label 5"]),
+    "CSV row with an empty label": Case([*EVAL, "--dataset", "csv:<nolabel_csv>"],
+                                        ["nolabel.csv line 3", "'1.jpg' has an empty label"]),
+    "CSV row with an empty classname": Case([*EVAL, "--dataset", "csv:<noname_csv>"],
+                                            ["noname.csv line 3", "label 1 has an empty 'classname'"]),
     "CSV one image per class": Case([*EVAL, "--dataset", "csv:<tiny_csv>"], ["class 'cat' has only 1 image"]),
     "CSV without test rows": Case([*EVAL, "--dataset", "csv:<notest_csv>"], ["dataset notest has no test images"]),
     "run on a dataset without test rows": Case([*RUN[:5], "csv:<notest_csv>", *RUN[6:]], ["notest has no test"]),
@@ -198,6 +241,21 @@ CASES: dict[str, Case] = {
                                                 ["ints.classnames.txt lists ['a'] more than once"]),
     "folder without class folders": Case([*EVAL, "--dataset", "folder:<empty>"], ["no class folders found"]),
     "folder with an empty class": Case([*EVAL, "--dataset", "folder:<hole_folder>"], ["empty", "contains no images"]),
+    "folder with a class folder not in UTF-8": Case(
+        [*EVAL, "--dataset", "folder:<latin1_classes>"],
+        ["<latin1_classes> holds a folder whose name is not UTF-8: b'caf\\xe9'", "convmv -f latin1 -t utf-8"]),
+    "folder with image file names not in UTF-8": Case(
+        [*TRAIN[:4], "folder:<latin1_files>", *TRAIN[5:]],
+        ["<latin1_files>/forest holds an image file whose name is not UTF-8: b'img\\xff0.jpg'"]),
+    "run on a folder path not in UTF-8": Case([*RUN[:5], "folder:<inputs>/data_caf\udce9", *RUN[6:]],
+                                              ["dataset folder:<inputs>/data_caf\\xe9 is not a UTF-8 name"]),
+    "--out not in UTF-8": Case([*TRAIN[:-4], "<out>/caf\udce9", *TINY],
+                               ["the output directory <out>/caf\\xe9 is not a UTF-8 name"]),
+    "train on a folder with a decompression bomb": Case(
+        [*TRAIN[:4], "folder:<bomb_folder>", *TRAIN[5:]],
+        ["cannot decode image <bomb_folder>/forest/", "DecompressionBomb"]),
+    "run on a folder with a decompression bomb": Case(
+        [*RUN[:5], "folder:<bomb_folder>", *RUN[6:]], ["cannot decode image <bomb_folder>/forest/"]),
     "base2novel on one class": Case([*RUN[:5], "folder:<one_class>", *RUN[6:]], ["has 1 class", "at least 2"]),
     # -- presets and --set -----------------------------------------------------------------------------------------
     "preset not YAML": Case([*TRAIN, "--preset", "<bad_yaml>"], ["bad.yaml is not valid YAML"]),
@@ -226,6 +284,9 @@ CASES: dict[str, Case] = {
     "--batch-order not JSON": Case([*TRAIN, "--batch-order", "<file>"], ["batch order file <file>"]),
     "--batch-order index out of range": Case([*TRAIN, "--batch-order", "<range_order>"],
                                              ["index 99999", "the dataset has 10 samples"]),
+    "--batch-order with more epochs than max_epoch": Case(
+        [*TRAIN, "--batch-order", "<two_epoch_order>", "--set", "train.max_epoch=1"],
+        ["batch order file <two_epoch_order> has 2 epoch(s), the run has max_epoch=1"]),
     "--init-adapter missing": Case([*TRAIN, "--init-adapter", "<inputs>/none"], ["<inputs>/none.safetensors"]),
     "run --adapter without =": Case([*RUN, "--adapter", "coop"], ["--adapter 'coop'", "METHOD=PATH"]),
     "run --adapter for another method": Case([*RUN, "--adapter", "maple=<adapter>"], ["--adapter for maple"]),
@@ -241,6 +302,32 @@ CASES: dict[str, Case] = {
                                                "eurosat-sample", "--classnames", "a,b"], ["--dataset or --classnames"]),
     "import duplicate --classnames": Case(["import", "<file>", "--method", "coop", "--out", "<out>", "--classnames",
                                            "cat,Cat"], ["'cat' = 'Cat'"]),
+    # -- tensors that are not finite -------------------------------------------------------------------------------
+    "eval an adapter holding NaN": Case(
+        [*EVAL[:1], "--adapter", "<nan_adapter>", "--dataset", "eurosat-sample", "--quiet"],
+        ["adapter tensors <nan_adapter>/adapter.safetensors", "tensor 'ctx' has 3 of", "values that are not finite"]),
+    "predict with an adapter holding NaN": Case([*PREDICT, "--adapter", "<nan_adapter>"],
+                                                ["<nan_adapter>", "tensor 'ctx' has 3 of"]),
+    "run --adapter holding NaN": Case([*RUN[:3], "coop", *RUN[4:], "--adapter", "coop=<nan_adapter>"],
+                                      ["<nan_adapter>", "tensor 'ctx' has 3 of"]),
+    "train --init-adapter holding NaN": Case([*TRAIN, "--init-adapter", "<nan_adapter>"],
+                                             ["<nan_adapter>", "tensor 'ctx' has 3 of"]),
+    "resume a training state holding Inf": Case(
+        [*TRAIN[:4], "folder:<two_class>", *TRAIN[5:], "--set", "train.max_epoch=1"],
+        ["training state <out>/train_state-epoch0.safetensors", "tensor 'momentum.ctx' has 1 of", "not finite"],
+        out_from="inf_state_run"),
+    "import a checkpoint holding NaN": Case(
+        ["import", "<nan_dassl>", "--method", "coop", "--out", "<out>", "--classnames", "a,b", *TINY],
+        ["model.pth.tar-1", "tensor 'prompt_learner.ctx' has 2 of 2,048 values that are not finite"]),
+    # -- plugins -----------------------------------------------------------------------------------------------------
+    "--plugin calls sys.exit() at import": Case(
+        [*TRAIN, "--plugin", "<exit_plugin>"],
+        ["plugin file <exit_plugin> ended the process", "SystemExit: None", 'if __name__ == "__main__":']),
+    "--plugin is a training script": Case(
+        ["list", "methods", "--plugin", "<script_plugin>"],
+        ["plugin file <script_plugin> ended the process", "SystemExit: 2",
+         "the following arguments are required: --lr", 'if __name__ == "__main__":']),
+    "--plugin is a folder": Case([*TRAIN, "--plugin", "<empty>"], ["<empty> is a folder, not a Python file"]),
     # -- captions (MuGCP) ------------------------------------------------------------------------------------------
     "mugcp without captions": Case([*TRAIN[:2], "mugcp", *TRAIN[3:]], ["'mugcp' needs one caption per image"]),
     "mugcp with captions for one image": Case([*TRAIN[:2], "mugcp", *TRAIN[3:], "--captions", "<partial_captions>"],
@@ -284,6 +371,12 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     for name in ("forest", "river"):
         write_images(root / "two_class" / name, 4, image)
     write_images(root / "hole_folder" / "full", 3, image)
+    # Images whose pixel count is past PIL's decompression-bomb limit (2 x 89,478,485): 28 kB files, no decoder runs.
+    write_images(root / "bomb_folder" / "river", 4, image)
+    (root / "bomb_folder" / "forest").mkdir()
+    Image.new("1", (15000, 15000)).save(root / "bomb_folder" / "forest" / "0.png")
+    for i in range(1, 4):
+        shutil.copy(root / "bomb_folder" / "forest" / "0.png", root / "bomb_folder" / "forest" / f"{i}.png")
     (root / "hole_folder" / "empty").mkdir()
     csvs = root / "csv"
     write_images(csvs, 4, image)
@@ -299,25 +392,46 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         "tiny": "path,label\n0.jpg,cat\n1.jpg,dog\n",
         "notest": "path,label,split\n0.jpg,cat,train\n1.jpg,dog,train\n2.jpg,cat,val\n",
         "ints": "path,label\n0.jpg,0\n1.jpg,1\n",
+        "nolabel": "path,label\n0.jpg,cat\n1.jpg, \n2.jpg,dog\n",
+        "noname": "path,label,classname\n0.jpg,0,cat\n1.jpg,1,\n2.jpg,1,dog\n",
     }
     for name, text in rows.items():
         (csvs / f"{name}.csv").write_text(text)
     (csvs / "ints.classnames.txt").write_text("a\na\n")
     (csvs / "binary.csv").write_bytes(b"\xff\xfe\x00p\x00a\x00t\x00h")
     presets = {"bad": "method: coop\ntrain: [1,\n", "list": "- method\n- coop\n", "train5": "method: coop\ntrain: 5\n",
-               "typo": "method: coop\ntrian: {}\n"}
+               "typo": "method: coop\ntrian: {}\n", "inf": "method: coop\ntrain:\n  lr: .inf\n"}
     for name, text in presets.items():
         (root / f"{name}.yaml").write_text(text)
     (root / "partial.csv").write_text(f"path,caption\n{image},a satellite photo of trees\n")
     (root / "partial_descriptions.json").write_text('{"River": ["a river seen from above"]}')
     (root / "range_order.json").write_text("[[[0, 99999]]]")
+    (root / "two_epoch_order.json").write_text("[[[0, 1]], [[2, 3]]]")
+    try:  # names in Latin-1 bytes (Linux file systems take any bytes; others may refuse them)
+        write_images(root / "latin1_classes" / "caf\udce9", 3, image)
+        write_images(root / "latin1_classes" / "river", 3, image)
+        (root / "latin1_files" / "forest").mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(image, root / "latin1_files" / "forest" / f"img\udcff{i}.jpg")
+        write_images(root / "latin1_files" / "river", 3, image)
+        (root / "data_caf\udce9").mkdir()
+    except (OSError, UnicodeEncodeError):
+        pass
+    (root / "exits.py").write_text("import sys\n\nsys.exit()\n")
+    (root / "train_script.py").write_text("import argparse\n\nparser = argparse.ArgumentParser()\n"
+                                          "parser.add_argument('--lr', type=float, required=True)\n"
+                                          "args = parser.parse_args()\n")
     paths = {"inputs": root, "file": root / "afile", "empty": root / "empty", "img": image,
              **{f"{n}_folder": root / f"{n}_folder" for n in ("dup", "hole")}, "one_class": root / "one_class",
-             "two_class": root / "two_class",
+             "two_class": root / "two_class", "bomb_folder": root / "bomb_folder",
              **{f"{n}_csv": csvs / f"{n}.csv" for n in [*rows, "binary"]},
              **{f"{n}_yaml": root / f"{n}.yaml" for n in presets}, "partial_captions": root / "partial.csv",
              "partial_descriptions": root / "partial_descriptions.json",
-             "range_order": root / "range_order.json"}
+             "range_order": root / "range_order.json",
+             "two_epoch_order": root / "two_epoch_order.json",
+             "exit_plugin": root / "exits.py",
+             "script_plugin": root / "train_script.py",
+             **{n: root / n for n in ("latin1_classes", "latin1_files") if (root / n).exists()}}
     # A plain state dict of the tiny architecture (as open_clip or a fine-tuning script saves one).
     torch.save(load_model("tiny").state_dict(), root / "weights.pt")
     paths["weights"] = root / "weights.pt"
@@ -325,15 +439,32 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     adapter = root / "adapter"
     assert main(["train", "--method", "coop", "--dataset", f"folder:{root / 'two_class'}", "--shots", "1", "--set",
                  "train.max_epoch=1", "--out", str(adapter), *TINY]) == 0
-    for name in ("dup_adapter", "bad_json_adapter", "truncated_adapter"):
+    for name in ("dup_adapter", "bad_json_adapter", "truncated_adapter", "unknown_method_adapter"):
         shutil.copytree(adapter, root / name)
         paths[name] = root / name
     meta = json.loads((adapter / "adapter.json").read_text())
     (root / "dup_adapter" / "adapter.json").write_text(json.dumps({**meta, "classnames": ["River", "river"]}))
     (root / "bad_json_adapter" / "adapter.json").write_text('{"method": "coop",')
+    (root / "unknown_method_adapter" / "adapter.json").write_text(json.dumps({**meta, "method": "coopx"}))
     tensors = root / "truncated_adapter" / "adapter.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:40])
     paths["adapter"] = adapter
+    # Not finite: an adapter with three NaN, a training state with one Inf, a reference checkpoint with two NaN.
+    shutil.copytree(adapter, root / "nan_adapter")
+    tensors = load_file(root / "nan_adapter" / "adapter.safetensors")
+    tensors["ctx"][0, :3] = float("nan")
+    save_file(tensors, root / "nan_adapter" / "adapter.safetensors")
+    shutil.copytree(adapter, root / "inf_state_run")
+    state = root / "inf_state_run" / "train_state-epoch0.safetensors"
+    tensors = load_file(state)
+    tensors["momentum.ctx"][1, 1] = float("-inf")
+    save_file(tensors, state)
+    nan_dassl = root / "nan_dassl" / "prompt_learner" / "model.pth.tar-1"
+    nan_dassl.parent.mkdir(parents=True)
+    ctx = torch.zeros(16, 128)
+    ctx[2, 5:7] = float("nan")
+    torch.save({"state_dict": {"ctx": ctx}, "epoch": 1}, nan_dassl)
+    paths.update(nan_adapter=root / "nan_adapter", inf_state_run=root / "inf_state_run", nan_dassl=root / "nan_dassl")
     # A finished zero-shot grid: its records for `report`, its cell directory for a damaged done marker.
     grid = root / "grid"
     argv = [fill(a, {"out": str(grid), "two_class": str(root / "two_class")}) for a in SMALL_RUN]
@@ -370,8 +501,12 @@ def test_bad_input_is_a_one_paragraph_user_error_and_writes_nothing(name, inputs
     case = CASES[name]
     if "/sys/" in " ".join(case.argv) and (not Path("/sys").is_dir() or sys_is_writable()):
         pytest.skip("needs a /sys that refuses new folders (Linux)")
+    if any("<latin1" in arg or "caf\udce9" in arg for arg in case.argv) and "latin1_files" not in inputs:
+        pytest.skip("needs a file system that takes names in any bytes")
     out = tmp_path / "out"
     values = {**inputs, "out": str(out)}
+    if case.out_from is not None:
+        shutil.copytree(inputs[case.out_from], out)
     for rel, text in case.out_files.items():
         target = out / fill(rel, values)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +526,7 @@ def test_bad_input_is_a_one_paragraph_user_error_and_writes_nothing(name, inputs
     said = " ".join(paragraph.split())
     for fragment in case.says:
         assert " ".join(fill(fragment, values).split()) in said, f"{fragment!r} not in: {said}"
-    if case.out_files:
+    if case.out_files or case.out_from:
         assert listing(out) == before, "the output directory was written to"
     else:
         assert not out.exists(), f"the output directory was created: {listing(out)}"
@@ -407,3 +542,26 @@ def test_device_check_says_what_torch_reports(monkeypatch):
     assert check_device("cuda:0") == "cuda:0"
     with pytest.raises(ConfigError, match=r"--device cuda:3: only 1 GPU\(s\) are visible"):
         check_device("cuda:3")
+
+
+@pytest.mark.parametrize("text", ["0.002", "2e-3", "2E-3", "2.0e-3", "+2e-3", "0.000_2e1"])
+def test_every_spelling_of_a_number_is_accepted_in_overrides_and_preset_files(text, tmp_path):
+    preset = load_preset("coop/vit_b16")
+    assert apply_overrides(preset, [f"train.lr={text}"]).train.lr == 0.002
+    for value in (text, f"'{text}'"):  # as YAML reads it (2e-3 is a string in YAML 1.1), and quoted
+        file = tmp_path / "lr.yaml"
+        file.write_text(f"method: coop\ntrain:\n  lr: {value}\n")
+        assert load_preset(file).train.lr == 0.002
+
+
+@pytest.mark.parametrize("text,value", [("10", 10), ("+10", 10), ("1_0", 10), (" 10 ", 10)])
+def test_every_spelling_of_an_integer_is_accepted(text, value):
+    preset = load_preset("coop/vit_b16")
+    assert apply_overrides(preset, [f"train.max_epoch={text}"]).train.max_epoch == value
+    assert apply_overrides(preset, [f"train.max_epoch='{text}'"]).train.max_epoch == value
+
+
+def test_a_plugin_running_argparse_prints_no_usage_line_of_its_own(inputs, capsys):
+    assert main(["list", "methods", "--plugin", inputs["script_plugin"]]) == 2
+    captured = capsys.readouterr()
+    assert "usage:" not in captured.err + captured.out and "--lr LR" not in captured.err

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from promptclip.captions import (
+    CacheWriter,
     CaptionExtras,
     CaptionSet,
     HFCaptioner,
@@ -247,6 +248,16 @@ def test_unknown_model_path_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.replace("\n", " ")
     assert code == 2 and f"captioning model folder {tmp_path / 'nope'} does not exist" in err
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_a_cache_writer_creates_nothing_before_its_first_caption(tmp_path):
+    path = tmp_path / "new" / "c.jsonl"
+    with CacheWriter(path):
+        pass  # e.g. the captioning model failed to load
+    assert not (tmp_path / "new").exists()
+    with CacheWriter(path) as writer:
+        writer.append([{"path": "a.jpg", "caption": "a photo"}])
+    assert json.loads(path.read_text()) == {"path": "a.jpg", "caption": "a photo"}
 
 
 # -- user files, lookup, verification -----------------------------------------------------------------------------

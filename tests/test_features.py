@@ -166,8 +166,72 @@ def test_an_unreadable_chunk_is_a_miss_not_an_error(tiny, images, tmp_path):
     encode(tiny, dataset_of(images), cache)
     chunk = cache.chunks()[0]
     chunk.write_bytes(b"not a safetensors file")
-    with pytest.warns(UserWarning, match="unreadable chunk"):
+    with pytest.warns(UserWarning, match="is damaged .it cannot be read"):
         assert encode(tiny, dataset_of(images), cache)[1].encoded == 6
+    assert not chunk.exists()
+
+
+def flip_feature_bytes(chunk: Path) -> None:
+    """Flip the sign bit of every fp32 feature value in place: same size, still a valid safetensors file."""
+    data = bytearray(chunk.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_size])["features"]["data_offsets"]
+    for offset in range(8 + header_size + start + 3, 8 + header_size + end, 4):
+        data[offset] ^= 0x80
+    chunk.write_bytes(bytes(data))
+
+
+def test_a_chunk_with_flipped_bytes_is_warned_about_once_removed_and_encoded_again(tiny, images, tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    data = dataset_of(images)
+    encode(tiny, data, cache)
+    chunk = cache.chunks()[0]
+    flip_feature_bytes(chunk)
+    assert load_file(chunk)["features"].shape == (6, 64)  # still readable: only the checksum tells
+    with pytest.warns(UserWarning, match="is damaged .its checksum does not match") as caught:
+        again, stats = encode(tiny, data, cache)
+    assert len(caught) == 1 and stats.encoded == 6 and not chunk.exists()
+    expected = direct_features(tiny, data)
+    assert torch.equal(torch.stack([again[i]["image_features"] for i in range(6)]), expected)
+    assert encode(tiny, data, cache)[1].hits == 6  # the new chunk is sound
+
+
+def test_a_chunk_without_this_format_is_a_miss(tiny, images, tmp_path):
+    from safetensors.torch import save_file
+
+    cache = FeatureCache(tmp_path / "cache")
+    encode(tiny, dataset_of(images), cache)
+    chunk = cache.chunks()[0]
+    save_file(load_file(chunk), chunk)  # the same tensors without format and checksum, as format 1 wrote them
+    assert encode(tiny, dataset_of(images), cache)[1].encoded == 6
+
+
+def test_a_read_only_cache_serves_its_hits_and_warns_once(tiny, images, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    encode(tiny, dataset_of(images[:3]), FeatureCache(cache_dir))
+    before = {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()}
+    cache_dir.chmod(0o555)
+    for sub in cache_dir.iterdir():
+        sub.chmod(0o555)
+    try:
+        if os.access(cache_dir, os.W_OK):  # root ignores the mode: make the write check see a read-only mount
+            from promptclip.errors import ConfigError
+
+            def read_only(path, directory=True):
+                raise ConfigError(f"{path} is not writable (Read-only file system)")
+
+            monkeypatch.setattr("promptclip.features.check_output_location", read_only)
+        cache = FeatureCache(cache_dir)
+        with pytest.warns(UserWarning, match="is not writable.*new features will not be stored") as caught:
+            first = encode(tiny, dataset_of(images), cache)[1]
+            second = encode(tiny, dataset_of(images), cache)[1]
+        assert len(caught) == 1
+        assert (first.hits, first.encoded) == (second.hits, second.encoded) == (3, 3)
+        assert {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()} == before
+    finally:
+        for sub in cache_dir.iterdir():
+            sub.chmod(0o755)
+        cache_dir.chmod(0o755)
 
 
 WORKER = """

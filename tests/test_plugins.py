@@ -191,13 +191,78 @@ def test_presets_and_listing_of_a_plugin(toy_file, capsys):
     assert method_source("coop").kind == "builtin"
 
 
-def test_a_method_without_presets_asks_for_one(toy_file):
+def test_a_method_without_presets_trains_with_the_engine_defaults_and_one_warning(toy_file, tmp_path, capsys):
     toy_file.write_text(TOY.replace("presets = {", "unused = {"))
+    out = tmp_path / "run"
+    assert main(["train", "--plugin", str(toy_file), "--method", "toy_shift", *SAMPLE, *FAST, "--shots", "1",
+                 "--set", "train.max_epoch=1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "'toy_shift' has no presets" in warned[0], err
+    assert "batch_size 32, lr 0.002, max_epoch 10" in warned[0]  # TrainConfig's documented defaults
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["config"] == {"scale": 0.5}
+    assert meta["train"]["lr"] == 0.002 and meta["train"]["batch_size"] == 32 and meta["train"]["max_epoch"] == 1
+    assert load_preset("toy_shift/engine_defaults").train.max_epoch == 10
+
+
+def test_a_method_whose_presets_lack_the_protocol_and_default_names_them(toy_file):
+    toy_file.write_text(TOY.replace('presets = {"default":', 'presets = {"short":'))
     load_plugin(str(toy_file))
     from promptclip.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="has no preset: pass --preset toy_shift=FILE.yaml"):
+    with pytest.raises(ConfigError, match="no preset for 'fewshot' and no 'default' one .it has short."):
         default_preset("fewshot", "toy_shift")
+
+
+COOP_VARIANT = textwrap.dedent('''
+    """A CoOp variant with one extra parameter and no presets of its own (test plugin)."""
+    from dataclasses import dataclass
+
+    from promptclip.methods.coop import CoOp, CoOpConfig
+
+
+    @dataclass
+    class ScaledCoOpConfig(CoOpConfig):
+        scale: float = 1.0
+
+
+    class ScaledCoOp(CoOp):
+        """CoOp with a scale (test plugin)."""
+
+        name = "scaled_coop"
+        config_class = ScaledCoOpConfig
+''')
+
+
+def test_an_installed_coop_subclass_inherits_coops_presets_and_trains(tmp_path, monkeypatch, isolated_registry,
+                                                                       capsys):
+    site = tmp_path / "site"
+    (site / "scaledcoop").mkdir(parents=True)
+    (site / "scaledcoop" / "__init__.py").write_text(COOP_VARIANT)
+    info = site / "scaledcoop-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: scaledcoop\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[promptclip.methods]\nscaled_coop = scaledcoop:ScaledCoOp\n")
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        assert default_preset("fewshot", "scaled_coop", "eurosat", 16) == "scaled_coop/vit_b16"
+        assert default_preset("base2novel", "scaled_coop") == "scaled_coop/vit_b16_ctxv1"
+        preset = load_preset("scaled_coop/vit_b16_ep50")
+        assert preset.method == "scaled_coop" and preset.train.max_epoch == 50  # CoOp's coop/vit_b16_ep50.yaml
+        assert "inherited from coop/vit_b16_ep50" in preset.source
+        capsys.readouterr()
+        assert main(["list", "presets"]) == 0
+        listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scaled_coop/vit_b16_ep50 ")]
+        assert len(listed) == 1 and listed[0].endswith("[inherited from coop/vit_b16_ep50]")
+        out = tmp_path / "run"
+        assert main(["train", "--method", "scaled_coop", *SAMPLE, *FAST, "--shots", "1", "--set", "train.max_epoch=1",
+                     "--set", "method_config.scale=2e0", "--out", str(out)]) == 0
+        meta = json.loads((out / "adapter.json").read_text())
+        assert meta["method"] == "scaled_coop" and meta["config"]["scale"] == 2.0 and meta["config"]["n_ctx"] == 16
+        assert "warning:" not in capsys.readouterr().err
+    finally:
+        sys.modules.pop("scaledcoop", None)
 
 
 @pytest.mark.parametrize("source, spec, message", [
@@ -224,6 +289,23 @@ def test_broken_entry_point_names_its_package(toy_package, capsys):
     assert main(["train", "--method", "toy_shift", *SAMPLE, *FAST, "--out", "unused"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "method 'toy_shift' from package toyplug 0.1 failed to import: RuntimeError: toy is broken" in err
+
+
+def test_entry_point_calling_sys_exit_names_its_package(toy_package, capsys):
+    (toy_package / "toyplug" / "__init__.py").write_text("import sys\nsys.exit(3)\n")
+    assert main(["train", "--method", "toy_shift", *SAMPLE, *FAST, "--out", "unused"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "method 'toy_shift' from package toyplug 0.1 ended the process" in err and "SystemExit: 3" in err
+
+
+def test_a_folder_named_as_a_module_is_said_to_be_a_folder(tmp_path, monkeypatch, capsys, isolated_registry):
+    (tmp_path / "my_methods").mkdir()
+    monkeypatch.chdir(tmp_path)  # the folder is here, but the current directory is not on the Python path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert main(["list", "methods", "--plugin", "my_methods"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "plugin 'my_methods': my_methods is a folder, not a module on the Python path" in err
+    assert "no module named" not in err
 
 
 def test_cluster_jobs_refuse_a_method_defined_in_main(isolated_registry, toy_file):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .config import parse_int
 from .errors import ConfigError
 
 
@@ -13,7 +14,7 @@ def int_at_least(minimum: int, note: str = ""):
     """An integer >= ``minimum``."""
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = parse_int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:

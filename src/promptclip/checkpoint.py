@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import to_dict
 from .errors import ConfigError, PromptClipError
+from .finite import check_finite
+from .utf8names import check_utf8_path
 
 ADAPTER_FORMAT = 1
 
@@ -39,6 +41,7 @@ def check_output_location(path: str | os.PathLike, directory: bool = True) -> Pa
     fails before anything is computed or written."""
     path = Path(path).expanduser()
     kind = "directory" if directory else "file"
+    check_utf8_path(path, f"the output {kind}", ConfigError)
     if path.exists():
         if directory and not path.is_dir():
             raise ConfigError(f"{path} is an existing file, not a directory: pass a directory (new or existing)")
@@ -76,12 +79,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                        metadata: Mapping[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=dict(metadata) if metadata else None)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,6 +147,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         tensors = load_file(tensors_path)
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"adapter tensors {tensors_path} cannot be read (truncated or corrupt?): {err}") from None
+    check_finite(tensors, f"adapter tensors {tensors_path}", AdapterError,
+                 "the file is damaged or the training that wrote it diverged; train or import it again")
     return meta, tensors
 
 
@@ -155,6 +162,10 @@ def check_method_available(meta: Mapping[str, Any], path: str | Path) -> None:
         source = MethodSource.from_dict(meta.get("method_source"))
         if source is None:
             raise AdapterError(f"adapter {path}: {err}") from None
+        if source.kind == "builtin" and _module_exists(source.spec):
+            raise AdapterError(f"adapter {path}: {err}. Its metadata calls it a built-in method ({source.spec}), but "
+                               f"{source.spec} of this promptclip defines no method {meta['method']!r}: the adapter's "
+                               "metadata was edited or written by another program") from None
         raise AdapterError(f"adapter {path} was trained with method {meta['method']!r}, which is not loaded: "
                            f"{source.how_to_load()}") from None
 
@@ -196,6 +207,15 @@ def init_from_adapter(method, path: str | Path, backbone_fingerprint: str | None
     except ConfigError as err:
         raise AdapterError(f"adapter {path} cannot initialise this {method.name} configuration: {err}") from None
     return meta
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_backbone(path: str | Path, meta: Mapping[str, Any], fingerprint: str | None) -> None:

@@ -135,8 +135,12 @@ def _feature_cache(value: Path | str | None):
 
 
 def _feature_cache_location(text: str) -> Path | str:
-    """``off``, or a directory the cache can be created in (checked before any work)."""
-    return "off" if text == "off" else output_location(directory=True)(text)
+    """``off``, an existing directory (one promptclip cannot write still serves its hits: features.FeatureCache),
+    or a directory the cache can be created in (checked before any work)."""
+    if text == "off":
+        return text
+    path = Path(text).expanduser()
+    return path if path.is_dir() else output_location(directory=True)(text)
 
 
 _feature_cache_location.__name__ = "feature cache directory"
@@ -219,13 +223,16 @@ def cmd_list(args) -> int:
     elif args.what == "backbones":
         _list_backbones()
     else:
-        from .presets import list_presets, load_preset
+        from .presets import inherited_presets, list_presets, load_preset
 
+        inherited = inherited_presets()
         for name in list_presets():
             preset = load_preset(name)
             train = preset.train
             summary = (f"batch {train.batch_size}, lr {train.lr}, {train.max_epoch} epochs" if train
                        else "no training")
+            if name in inherited:
+                summary += f"  [inherited from {inherited[name]}]"
             _say(f"{name:60s} {summary}")
     return 0
 
@@ -296,6 +303,8 @@ def cmd_train(args) -> int:
     if not labeled:
         _say(f"{preset.method} trains on every training image of every class, without labels (--shots and "
              "--subsample do not apply to its training data)")
+    if batch_order is not None:
+        batch_order = _check_batch_order_file(args.batch_order, batch_order, len(splits.train), preset.train)
     backbone = _load_backbone(args.backbone or preset.backbone, args)
     from .methods import create_method
 
@@ -320,6 +329,19 @@ def cmd_train(args) -> int:
     if backbone.random_weights:
         _banner(RANDOM_BANNER.format(backbone.name))
     return 0
+
+
+def _check_batch_order_file(path: str, order, dataset_size: int, train) -> list[list[list[int]]]:
+    """The batch order of ``--batch-order`` checked against the training split and ``train.max_epoch``, naming the
+    file, before any weights load."""
+    from .data.loader import check_batch_order
+
+    where = f"batch order file {path}"
+    order = check_batch_order(order, dataset_size, where)
+    if len(order) != train.max_epoch:
+        raise ConfigError(f"{where} has {len(order)} epoch(s), the run has max_epoch={train.max_epoch}; give one list "
+                          f"of batches per epoch, or --set train.max_epoch={len(order)}")
+    return order
 
 
 def cmd_eval(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,30 @@ def suggest(word: str, choices: typing.Iterable[str]) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def parse_int(value: Any) -> int:
+    """An integer from an ``int`` or from any text Python's ``int()`` accepts (``"12"``, ``" 1_000 "``, ``"+3"``);
+    ValueError otherwise (floats, booleans, ``"1e3"``). The one place promptclip turns user text into an integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value)
+    raise ValueError(f"{value!r} is not an integer")
+
+
+def parse_float(value: Any) -> float:
+    """A finite number from an ``int``/``float`` or from any text Python's ``float()`` accepts (``"2e-3"``,
+    ``"1E-3"``, ``"0.002"``, ``"1_000"``); ValueError otherwise, and for NaN and infinities. YAML 1.1 reads
+    ``2e-3`` as a string (its float rule wants a dot), so text is the common case in presets and ``--set``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -53,13 +78,16 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return parse_float(value)
+        except ValueError:
+            finite = isinstance(value, float) or (isinstance(value, str) and _is_float_text(value))
+            raise ConfigError(f"{where}: expected a {'finite ' if finite else ''}number, got {value!r}") from None
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        try:
+            return parse_int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if annotation in (str, bool):
         if not isinstance(value, annotation):
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
@@ -69,6 +97,14 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return value
         return from_dict(annotation, value, where)
     return value
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_name(annotation: Any) -> str:

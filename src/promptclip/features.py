@@ -16,10 +16,17 @@ Keys — a cached feature is never stale:
   moved one still hits. Hashing reads each file but decodes nothing: far cheaper than decoding and encoding it.
 
 Layout: ``ROOT/<namespace>/<chunk>.safetensors`` with ``keys`` (uint8 ``[N, 16]``) and ``features`` (``[N, D]`` in
-the dtype the tower produced, so a hit returns the very values an encoding would). Each evaluation pass writes the
-images it had to encode as one new chunk, atomically (a temporary file renamed into place) under a unique name.
-Chunks are written once and never modified, so concurrent grid workers, cluster jobs and torchrun ranks need no
-lock: two processes that encode the same image at the same time both store it, and readers take either copy.
+the dtype the tower produced, so a hit returns the very values an encoding would); the file's metadata holds the
+chunk ``format`` and a BLAKE2b-128 ``checksum`` of the keys and features (dtype, shape and bytes), verified on every
+read. A chunk whose checksum does not match (flipped bytes that still parse) or that cannot be read is damaged: it
+is a miss, warned about once and removed, and its images are encoded again. A chunk of another format (written by
+another version) is a miss. Each evaluation pass writes the images it had to encode as one new chunk, atomically (a
+temporary file renamed into place) under a unique name. Chunks are written once and never modified, so concurrent
+grid workers, cluster jobs and torchrun ranks need no lock: two processes that encode the same image at the same
+time both store it, and readers take either copy.
+
+A cache directory promptclip cannot write (a lab's shared copy on a read-only cluster file system) still serves its
+hits; one warning says that new features will not be stored.
 
 Bounded: after each write, the chunks of all namespaces beyond ``max_bytes`` in total are deleted, least recently
 used first (serving a hit refreshes a chunk's modification time). A reader keeps its chunk open while it reads, so
@@ -37,7 +44,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +54,15 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import atomic_save_tensors, atomic_write_text
+from .checkpoint import atomic_save_tensors, atomic_write_text, check_output_location
 from .clip.kernels import resolved_backend
 from .data import make_loader
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .evaluate import move_batch
 from .precision import autocast, resolve_precision
 
-FORMAT = 1
+#: 2: each chunk carries its format and a checksum of its keys and features in the safetensors metadata.
+FORMAT = 2
 KEY_BYTES = 16
 DEFAULT_MAX_BYTES = 4 * 1024**3
 #: Temporary files older than this are crash leftovers (a write takes milliseconds) and are removed on eviction.
@@ -99,6 +107,10 @@ class FeatureCache:
 
     root: Path
     max_bytes: int = DEFAULT_MAX_BYTES
+    #: What this cache object has found out while in use: damaged chunks already warned about, whether the root
+    #: is writable (None: not checked yet). Per object, so that a grid warns once, not once per pass.
+    seen: dict[str, Any] = field(default_factory=lambda: {"damaged": set(), "writable": None}, compare=False,
+                                 repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser())
@@ -126,7 +138,11 @@ class FeatureCache:
                 break
             try:
                 with safe_open(chunk, framework="pt") as handle:
-                    chunk_keys = handle.get_tensor("keys").numpy()
+                    metadata = handle.metadata() or {}
+                    if metadata.get("format") != str(FORMAT):
+                        continue  # written by another version: a miss
+                    keys_tensor = handle.get_tensor("keys")
+                    chunk_keys = keys_tensor.numpy()
                     rows = {row.tobytes(): i for i, row in enumerate(chunk_keys)}
                     hits = [(key, rows[key]) for key in wanted if key in rows]
                     if not hits:
@@ -134,20 +150,42 @@ class FeatureCache:
                     features = handle.get_tensor("features")
             except FileNotFoundError:
                 continue  # evicted by another process since the listing
-            except (SafetensorError, OSError, KeyError) as err:
-                warnings.warn(f"feature cache: ignoring unreadable chunk {chunk}: {err}", stacklevel=2)
+            except (SafetensorError, OSError, KeyError, TypeError) as err:
+                self._drop_damaged(chunk, f"it cannot be read ({err})")
                 continue
-            if features.shape[0] != len(chunk_keys):
+            if metadata.get("checksum") != chunk_checksum(keys_tensor, features):
+                self._drop_damaged(chunk, "its checksum does not match its keys and features")
                 continue
             for key, row in hits:
                 found[key] = features[row].clone()
             _touch(chunk)
         return found
 
+    def _drop_damaged(self, chunk: Path, why: str) -> None:
+        """A damaged chunk: warned about once (per cache object) and removed (where the cache is writable)."""
+        if chunk not in self.seen["damaged"]:
+            self.seen["damaged"].add(chunk)
+            warnings.warn(f"feature cache: chunk {chunk} is damaged ({why}); its features are encoded again",
+                          stacklevel=3)
+        with contextlib.suppress(OSError):  # already gone, or a read-only cache
+            chunk.unlink()
+
+    def writable(self) -> bool:
+        """Whether new chunks can be stored under ``root``; the first time it is not, one warning says so."""
+        if self.seen["writable"] is None:
+            try:
+                check_output_location(self.root)
+                self.seen["writable"] = True
+            except ConfigError as err:
+                self.seen["writable"] = False
+                warnings.warn(f"feature cache: {err}; its features are used, new features will not be stored",
+                              stacklevel=3)
+        return self.seen["writable"]
+
     def store(self, space: dict[str, Any], keys: Sequence[bytes], features: torch.Tensor) -> Path | None:
         """Write one new chunk with ``features[i]`` for ``keys[i]``, then evict beyond ``max_bytes``. A cache that
         cannot be written (read-only, disk full) warns and is left as it is: evaluation goes on without it."""
-        if not keys:
+        if not keys or not self.writable():
             return None
         directory = self.root / namespace_id(space)
         chunk = directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
@@ -156,7 +194,8 @@ class FeatureCache:
             if not description.exists():
                 atomic_write_text(description, json.dumps(space, indent=2, sort_keys=True) + "\n")
             key_tensor = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), KEY_BYTES)
-            atomic_save_tensors({"keys": key_tensor, "features": features}, chunk)
+            metadata = {"format": str(FORMAT), "checksum": chunk_checksum(key_tensor, features)}
+            atomic_save_tensors({"keys": key_tensor, "features": features}, chunk, metadata=metadata)
         except OSError as err:
             warnings.warn(f"feature cache: could not write {chunk}: {err}", stacklevel=2)
             return None
@@ -185,6 +224,15 @@ class FeatureCache:
             with contextlib.suppress(FileNotFoundError):  # deleted by another process
                 chunk.unlink()
             total -= size
+
+
+def chunk_checksum(keys: torch.Tensor, features: torch.Tensor) -> str:
+    """BLAKE2b-128 (hex) of a chunk's keys and features: dtype, shape and bytes of each."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in (keys, features):
+        digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _touch(path: Path) -> None:
@@ -239,6 +287,7 @@ def frozen_features(model, dataset, cache: FeatureCache, fingerprint: str, *, ba
         return None
     indices = list(range(len(dataset))) if indices is None else list(indices)
     keys = {i: image_key(dataset.records[i].path) for i in indices}
+    cache.writable()  # a read-only cache says so once, before it serves its hits
     found = cache.lookup(space, set(keys.values()))
     first_of: dict[bytes, int] = {}
     for i in indices:

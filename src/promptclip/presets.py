@@ -7,12 +7,17 @@ has them) holds ``method``, ``backbone``, ``method_config`` (the method's config
 ``source`` (where the numbers come from).
 
 Methods from plugins ship their presets on the class (``PromptMethod.presets``: name -> preset keys or a YAML path),
-named ``<method>/<name>`` like the built-in ones; any preset can also be given as the path of a YAML file.
+named ``<method>/<name>`` like the built-in ones; any preset can also be given as the path of a YAML file. A method
+class without presets of its own inherits those of the nearest registered method it subclasses (a CoOp variant runs
+with ``<variant>/vit_b16_ep50``, CoOp's preset under its own name), and a method with none at all trains with the
+engine's defaults (:class:`promptclip.train.TrainConfig`, the preset ``<method>/engine_defaults``), with one warning
+that names them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ from .train import TrainConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESET_KEYS = ("method", "backbone", "method_config", "train", "eval", "source")
+#: The preset of a method with no presets, own or inherited: the engine's TrainConfig and the config's defaults.
+ENGINE_DEFAULTS = "engine_defaults"
 
 
 @dataclass
@@ -57,11 +64,56 @@ class Preset:
 
 
 def list_presets() -> list[str]:
-    """The built-in presets and those shipped by plugin methods (loaded plugins and installed packages)."""
+    """The built-in presets, those shipped by plugin methods (loaded plugins and installed packages) and those
+    plugin methods inherit from the method they subclass (:func:`inherited_presets`)."""
+    from .methods import list_methods
+
+    names = {f"{p.parent.name}/{p.stem}" for p in PRESETS_DIR.glob("*/*.yaml")}
+    for method in list_methods():
+        names.update(_own_presets(method))
+    return sorted({*names, *inherited_presets()})
+
+
+def _own_presets(method: str) -> list[str]:
+    from .methods import get_method_class
+
+    return [*(f"{method}/{p.stem}" for p in (PRESETS_DIR / method).glob("*.yaml")),
+            *(f"{method}/{name}" for name in get_method_class(method).presets)]
+
+
+def presets_parent(method: str) -> str | None:
+    """The registered method whose presets ``method`` inherits: the nearest registered method class it subclasses,
+    when it has no presets of its own (no YAML folder, no ``presets`` on its class); else None."""
     from .methods import get_method_class, list_methods
 
-    shipped = [f"{m}/{name}" for m in list_methods() for name in get_method_class(m).presets]
-    return sorted({*(f"{p.parent.name}/{p.stem}" for p in PRESETS_DIR.glob("*/*.yaml")), *shipped})
+    cls = get_method_class(method)
+    if (PRESETS_DIR / method).is_dir() or vars(cls).get("presets"):
+        return None
+    registered = {get_method_class(name): name for name in list_methods()}
+    return next((registered[base] for base in cls.__mro__[1:] if base in registered), None)
+
+
+def inherited_presets() -> dict[str, str]:
+    """Preset name -> the preset it is a copy of, for every method that inherits its parent's presets
+    (``mycoop/vit_b16_ep50`` -> ``coop/vit_b16_ep50``)."""
+    from .methods import list_methods
+
+    found: dict[str, str] = {}
+    for method in list_methods():
+        parent = presets_parent(method)
+        if parent is None:
+            continue
+        for name in _own_presets(parent) + inherited_presets_of(parent):
+            found.setdefault(f"{method}/{name.partition('/')[2]}", name)
+    return found
+
+
+def inherited_presets_of(method: str) -> list[str]:
+    """The presets ``method`` inherits (through every level of subclassing)."""
+    parent = presets_parent(method)
+    if parent is None:
+        return []
+    return [f"{method}/{name.partition('/')[2]}" for name in _own_presets(parent) + inherited_presets_of(parent)]
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
@@ -121,6 +173,11 @@ def _shipped_preset(name: str) -> Preset | None:
         return None
     entry = cls.presets.get(key)
     if entry is None:
+        parent = presets_parent(method)
+        if parent is not None:
+            return _inherited_preset(name, method, f"{parent}/{key}")
+        if key == ENGINE_DEFAULTS and not _own_presets(method):
+            return preset_from_dict(name, {"method": method, "train": {}, "source": _ENGINE_SOURCE})
         return None
     if isinstance(entry, (str, Path)):
         path = Path(entry).expanduser()
@@ -129,6 +186,24 @@ def _shipped_preset(name: str) -> Preset | None:
         return _preset_file(name, path, method)
     data = {"method": method, **dict(entry)}
     return preset_from_dict(name, data, source_file=f"{name} (presets of {cls.__module__}.{cls.__qualname__})")
+
+
+_ENGINE_SOURCE = ("promptclip's engine defaults (TrainConfig) and the method config's defaults: the method has no "
+                  "presets")
+
+
+def _inherited_preset(name: str, method: str, parent_name: str) -> Preset | None:
+    """The parent's preset ``parent_name`` for ``method``, checked against ``method``'s config."""
+    try:
+        parent = load_preset(parent_name)
+    except ConfigError:
+        return None
+    data = {**parent.to_dict(), "method": method, "source": f"inherited from {parent_name}"
+            + (f" ({parent.source})" if parent.source else "")}
+    data.pop("name")
+    if data["train"] is None:
+        data.pop("train")
+    return preset_from_dict(name, data, source_file=f"{name} (inherited from {parent_name})")
 
 
 def preset_from_dict(name: str, data: dict[str, Any], source_file: str = "") -> Preset:
@@ -327,8 +402,23 @@ def default_preset(protocol: str, method: str, dataset: str = "", shots: int = 1
             if per_dataset:
                 return f"{method}/{per_dataset[0]}"
         candidates = [c for c in candidates if not any(c.endswith(f"_{d}") for d in _all_dataset_names())]
-        if not candidates:
-            raise ConfigError(f"method {method!r} has no preset: pass --preset {method}=FILE.yaml (a YAML preset), or "
-                              "give the class a `presets` mapping with a 'default' entry (docs/new-method.md)")
-        return f"{method}/{candidates[0]}"
+        if candidates:
+            return f"{method}/{candidates[0]}"
+        parent = presets_parent(method)
+        if parent is not None:
+            return f"{method}/{default_preset(protocol, parent, dataset, shots).partition('/')[2]}"
+        if not shipped:
+            warnings.warn(f"method {method!r} has no presets: it trains with the engine's defaults "
+                          f"({_engine_defaults()}) and its config's defaults; give the class a `presets` mapping or "
+                          f"pass --preset {method}=FILE.yaml to choose (docs/new-method.md)", stacklevel=2)
+            return f"{method}/{ENGINE_DEFAULTS}"
+        raise ConfigError(f"method {method!r} has no preset for {protocol!r} and no 'default' one (it has "
+                          f"{', '.join(shipped)}): pass --preset {method}=NAME, or add a 'default' entry to its "
+                          "`presets` (docs/new-method.md)")
     return _BASE_PRESETS[method]
+
+
+def _engine_defaults() -> str:
+    defaults = TrainConfig()
+    return ", ".join(f"{key} {getattr(defaults, key)}" for key in
+                     ("batch_size", "lr", "max_epoch", "warmup_epoch", "warmup_lr", "momentum", "weight_decay"))

@@ -391,6 +391,7 @@ def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions
     run_dir = cell.run_dir(out, backbone)
     done = run_dir / "records.json"
     main = distributed.is_main()
+    new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # made by the claim, deepest first
     with _claim(run_dir) if main else contextlib.nullcontext(True) as claimed:
         finished = read_done_records(done) if main and claimed and done.exists() else None
         claimed, finished = distributed.broadcast_object((claimed, finished))
@@ -403,7 +404,12 @@ def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions
             options.log(f"{tag}: done, skipped")
             return finished, "skipped"
         options.log(f"{tag}: running in {run_dir}")
-        records = run_cell(cell, backbone, run_dir, options)
+        try:
+            records = run_cell(cell, backbone, run_dir, options)
+        except BaseException:
+            if main:
+                _remove_if_nothing_kept(run_dir, new_dirs)
+            raise
         if main:
             atomic_write_text(done, json.dumps(records, indent=2) + "\n")
             append_records_once(out / RECORDS_FILE, records)
@@ -411,6 +417,27 @@ def run_one(cell: Cell, backbone: Backbone, out: str | Path, options: RunOptions
 
 
 CLAIM_FILE = ".claim"
+#: What a cell writes before anything worth keeping (a training step, a saved epoch, records).
+_BOOKKEEPING = {CLAIM_FILE, "config.json"}
+
+
+def _remove_if_nothing_kept(run_dir: Path, new_dirs: list[Path]) -> None:
+    """After a cell failed: if its folder holds only bookkeeping, remove it and the folders its claim created
+    (``new_dirs``, deepest first; one another process has written to since is not empty and stays)."""
+    try:
+        entries = {p.name for p in run_dir.iterdir()}
+    except OSError:
+        return
+    if not entries <= _BOOKKEEPING:
+        return
+    for name in entries:
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink()
+    for folder in new_dirs:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def read_done_records(path: Path) -> list[dict[str, Any]]:

@@ -100,27 +100,34 @@ class RunLog:
     """The metrics of one training run: ``metrics.jsonl`` plus the chosen trackers (rank 0 only).
 
     ``finished_epochs`` and ``steps_before``: where the run (re)starts; lines of later epochs are dropped first.
+    Nothing is created before the first line to write: a run that fails before its first step (an undecodable
+    image in the first batch) leaves no file and no folder behind.
     """
 
     def __init__(self, run_dir: str | os.PathLike, finished_epochs: int = 0, steps_before: int = 0,
                  trackers: Sequence[str] = (), name: str | None = None, config: Mapping[str, Any] | None = None):
-        from .jsonl import cut_torn_tail
-
         check_trackers(trackers)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
+        self._start = (finished_epochs, steps_before, tuple(trackers), name, dict(config or {}))
+        self._handle = None
+        self._writers: list[Any] = []
+
+    def _open(self) -> None:
+        from .jsonl import cut_torn_tail
+
+        finished_epochs, steps_before, trackers, name, config = self._start
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         keep_finished_epochs(self.path, finished_epochs)
         self._handle = open(self.path, "a+b")
         cut_torn_tail(self._handle)
-        self._writers: list[Any] = []
         try:
             for tracker in trackers:
                 if tracker == "tensorboard":
                     self._writers.append(TensorBoardWriter(self.run_dir / TENSORBOARD_DIR, steps_before + 1))
                 else:
                     self._writers.append(WandbWriter(self.run_dir, finished_epochs, name or self.run_dir.name,
-                                                     config or {}))
+                                                     config))
         except BaseException:
             self.close()
             raise
@@ -140,7 +147,7 @@ class RunLog:
         for writer in self._writers:
             writer.close()
         self._writers = []
-        if not self._handle.closed:
+        if self._handle is not None and not self._handle.closed:
             self._handle.close()
 
     def __enter__(self) -> RunLog:
@@ -152,6 +159,8 @@ class RunLog:
     def _write(self, line: Mapping[str, Any], sync: bool) -> None:
         from .jsonl import write_json_lines
 
+        if self._handle is None:
+            self._open()
         write_json_lines(self._handle, [line], sync=sync)
 
 

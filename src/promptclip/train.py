@@ -522,9 +522,14 @@ def _read_train_state(out: Path, method, config, order_digest: str | None = None
         return (f"{out} holds a run with another batch order (saved {meta.get('batch_order') or 'seeded shuffle'}, "
                 f"now {order_digest or 'seeded shuffle'}); use another output directory or delete it to start over")
     try:
-        return meta, load_file(tensors_path)
+        tensors = load_file(tensors_path)
     except (OSError, SafetensorError) as err:
         return f"the training state {path} names {tensors_path}, which cannot be read ({err}); {start_over}"
+    from .finite import non_finite_message
+
+    if (problem := non_finite_message(tensors)) is not None:
+        return f"the training state {tensors_path} cannot be resumed: {problem}; {start_over}"
+    return meta, tensors
 
 
 def _apply_train_state(method, optimizer, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]

@@ -231,19 +231,23 @@ def load_captions(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Cap
 
 class CacheWriter:
     """Appends whole JSONL lines to a cache: a torn last line left by a killed run is cut off first, and every
-    ``append`` is flushed and fsynced, so a killed run keeps every finished batch."""
+    ``append`` is flushed and fsynced, so a killed run keeps every finished batch. The file (and its folder) is
+    created at the first append: a build that fails before its first caption leaves nothing behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a+b")  # noqa: SIM115 - closed in close()/__exit__
-        cut_torn_tail(self._handle)
+        self._handle = None
 
     def append(self, objects: Sequence[Mapping[str, Any]]) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a+b")  # noqa: SIM115 - closed in close()/__exit__
+            cut_torn_tail(self._handle)
         write_json_lines(self._handle, objects)
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
     def __enter__(self) -> CacheWriter:
         return self

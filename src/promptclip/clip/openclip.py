@@ -293,13 +293,23 @@ def weights_in_folder(folder: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------- Hub downloads
 
 
-def _hub():
+def hub_repo(name: str) -> str:
+    """The repository of an ``hf-hub:<org>/<repo>`` name; an empty one is an error of its own."""
+    repo_id = name[len(HF_HUB_PREFIX):].strip("/")
+    if not repo_id:
+        raise WeightsError(f"{name!r} names no repository: give hf-hub:<org>/<repo>, an open_clip repository of the "
+                           "Hugging Face Hub (e.g. hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K; `promptclip list "
+                           "backbones` lists the known ones)")
+    return repo_id
+
+
+def _hub(what: str = "", repo_id: str = "<org>/<repo>"):
     try:
         import huggingface_hub
     except ImportError as e:
-        raise WeightsError('open_clip weights are downloaded from the Hugging Face Hub with huggingface_hub, which is '
-                           'not installed: pip install "promptclip[hf]". '
-                           + _local_copy_hint()) from e
+        raise WeightsError(f"{what or 'open_clip weights'} ({repo_id} on the Hugging Face Hub) is downloaded with "
+                           'huggingface_hub, which is not installed: pip install "promptclip[hf]". '
+                           + _local_copy_hint(repo_id)) from e
     return huggingface_hub
 
 
@@ -314,7 +324,7 @@ def _local_copy_hint(repo_id: str = "<org>/<repo>", activation: str = "--gelu or
 def hub_download(repo_id: str, filenames: tuple[str, ...], cache_dir: str | os.PathLike | None = None,
                  what: str = "", activation_hint: str = "--gelu or --quick-gelu") -> Path:
     """The first of ``filenames`` that ``repo_id`` serves (or the cache holds), downloaded and sha256-verified."""
-    hub = _hub()
+    hub = _hub(what, repo_id)
     from huggingface_hub.utils import (
         EntryNotFoundError,
         HfHubHTTPError,

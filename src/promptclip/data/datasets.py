@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DataError
+from ..utf8names import check_utf8_path
 from .files import IMAGE_EXTENSIONS, list_images, subdirs
 from .folder import load_csv_dataset, load_folder_dataset
 from .protocol import DEFAULT_SPLIT_SEED, fewshot_splits, read_split, split_by_class, split_trainval, subsample_classes
@@ -69,6 +70,9 @@ def load_splits(
     from ``random.Random(split_seed)`` and saved (``write_split=False`` keeps it in memory only).
     """
     text = os.fspath(name_or_path)
+    check_utf8_path(text, "dataset")
+    if root is not None:
+        check_utf8_path(root, "data root")
     if text.startswith("folder:"):
         return load_folder_dataset(text[len("folder:"):], split_seed=split_seed, write_split=write_split)
     if text.startswith("csv:"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image", "list_images", "subdirs"]
+from ..utf8names import check_utf8_name
+
+__all__ = ["IMAGE_EXTENSIONS", "check_utf8_name", "is_image", "list_images", "subdirs"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -16,10 +18,14 @@ def is_image(name: str) -> bool:
 
 
 def subdirs(path: Path) -> list[str]:
-    """Sorted names of the folders directly inside ``path`` (hidden ones skipped)."""
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    """Sorted names of the folders directly inside ``path`` (hidden ones skipped); a :class:`DataError` for a name
+    that is not UTF-8 (:func:`check_utf8_name`)."""
+    names = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    return [check_utf8_name(path, name, "a folder") for name in names]
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted names of the image files directly inside ``folder`` (hidden files skipped)."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image(e.name))
+    """Sorted names of the image files directly inside ``folder`` (hidden files skipped); a :class:`DataError` for
+    a name that is not UTF-8 (:func:`check_utf8_name`)."""
+    names = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image(e.name))
+    return [check_utf8_name(folder, name, "an image file") for name in names]

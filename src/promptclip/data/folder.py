@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import DataError
+from ..utf8names import check_utf8_path
 from .files import list_images, subdirs
 from .protocol import DEFAULT_SPLIT_SEED, read_split, split_by_class
 from .protocol import write_split as save_split_file
@@ -60,6 +61,7 @@ def load_folder_dataset(
     if not root.is_dir():
         raise DataError(f"custom dataset folder {root} not found (expected ROOT/<class>/*.jpg)")
     root = root.resolve()
+    check_utf8_path(root, "custom dataset folder")
     name = root.name
     split_path = root / FOLDER_SPLIT_FILE
     if split_path.is_file():
@@ -151,6 +153,7 @@ def load_csv_dataset(
     if not csv_path.is_file():
         raise DataError(f"CSV dataset file {csv_path} not found")
     csv_path = csv_path.resolve()
+    check_utf8_path(csv_path, "CSV dataset")
     base = csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -193,7 +196,11 @@ def load_csv_dataset(
                 )
             split = _SPLIT_VALUES[value]
         cname = row[col["classname"]].strip() if "classname" in col else None
-        entries.append((n, rel, str(full), row[col["label"]].strip(), split, cname))
+        label = row[col["label"]].strip()
+        if not label:
+            raise DataError(f"CSV dataset {csv_path} line {n}: {rel!r} has an empty label; give every row a class "
+                            "name or an integer label (or remove the row)")
+        entries.append((n, rel, str(full), label, split, cname))
     if not entries:
         raise DataError(f"CSV dataset {csv_path} has a header but no rows")
 
@@ -228,6 +235,8 @@ def _resolve_labels(csv_path: Path, entries: list) -> tuple[list[int], list[str]
         elif entries[0][5] is not None:
             by_label: dict[int, str] = {}
             for (n, _, _, _, _, cname), y in zip(entries, ints, strict=True):
+                if not cname:
+                    raise DataError(f"CSV dataset {csv_path} line {n}: label {y} has an empty 'classname'")
                 if y >= 0 and by_label.setdefault(y, cname) != cname:
                     raise DataError(
                         f"CSV dataset {csv_path} line {n}: label {y} is named {cname!r} here but "

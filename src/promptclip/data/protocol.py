@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_int
 from ..errors import DataError
 from .records import DatasetSplits, Record
 
@@ -80,12 +81,10 @@ def records_from_entries(entries: Any, image_dir: str, source: str, key: str) ->
         relpath, label, classname = entry
         if not isinstance(relpath, str) or not relpath:
             raise DataError(f"{source}: entry {i} of '{key}' has an invalid path {relpath!r}")
-        if isinstance(label, int) and not isinstance(label, bool):
-            label_int = label
-        elif isinstance(label, str) and label.strip().lstrip("-").isdigit():
-            label_int = int(label)
-        else:
-            raise DataError(f"{source}: entry {i} of '{key}' ({relpath!r}) has a non-integer label {label!r}")
+        try:
+            label_int = parse_int(label)
+        except ValueError:
+            raise DataError(f"{source}: entry {i} of '{key}' ({relpath!r}) has a non-integer label {label!r}") from None
         if not isinstance(classname, str):
             raise DataError(f"{source}: entry {i} of '{key}' ({relpath!r}) has a non-string class name {classname!r}")
         rel = relpath.replace("\\", "/")

@@ -19,13 +19,15 @@ rank parses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import io
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -110,8 +112,9 @@ def load_plugin(spec: str) -> list[str]:
         classes = _defined_methods(module) + [_REGISTRY[n] for n in sorted(set(_REGISTRY) - before)]
     names = _register_all(classes, f"plugin {spec!r}")
     if not names:
+        folder = f" ({target} is a folder: {_FOLDER_HINT})" if path is None and Path(target).is_dir() else ""
         raise ConfigError(f"plugin {spec!r} defines no method: a PromptMethod subclass with its own `name` and a "
-                          "dataclass `config_class` (see docs/new-method.md)")
+                          f"dataclass `config_class` (see docs/new-method.md){folder}")
     for cls in classes:
         own = getattr(module, cls.__name__, None) is cls
         _SOURCES.setdefault(cls.name, MethodSource("plugin", f"{canonical}:{cls.__name__}" if own else canonical))
@@ -149,11 +152,7 @@ def load_installed(name: str) -> bool:
     if ep is None:
         return False
     before = set(_REGISTRY)
-    try:
-        value = ep.load()
-    except Exception as err:  # noqa: BLE001 - a broken plugin: one message that names it
-        raise ConfigError(f"method {name!r} from {_describe(ep)} failed to import: {type(err).__name__}: {err} "
-                          "(run with --debug for the traceback)") from err
+    value = _run_import(ep.load, f"method {name!r} from {_describe(ep)}")
     if isinstance(value, ModuleType):
         classes = _defined_methods(value) + [_REGISTRY[n] for n in sorted(set(_REGISTRY) - before)]
     elif _is_method_class(value):
@@ -190,6 +189,8 @@ def _parse_spec(spec: str) -> tuple[str, str | None, Path | None]:
             raise ConfigError(f"plugin {spec!r}: {attr!r} is not a class name (use FILE.py:Class or module:Class)")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"plugin {spec!r}: {path} is a folder, not a Python file; {_FOLDER_HINT}")
         if not path.is_file():
             raise ConfigError(f"plugin file {path} does not exist (plugin {spec!r}; use FILE.py[:Class] or "
                               "package.module[:Class])")
@@ -212,25 +213,52 @@ def _import_file(path: Path, spec: str) -> ModuleType:
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # before running it: dataclasses and pickling look the module up by name
     try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:  # noqa: BLE001 - the user's file: one message that names it, traceback on --debug
+        _run_import(lambda: module_spec.loader.exec_module(module), f"plugin file {path}")
+    except ConfigError:
         del sys.modules[name]
-        raise ConfigError(f"plugin file {path} failed to import: {type(err).__name__}: {err} (run with --debug for "
-                          "the traceback)") from err
+        raise
     return module
 
 
 def _import_module(target: str, spec: str) -> ModuleType:
     try:
-        return importlib.import_module(target)
-    except ModuleNotFoundError as err:
-        if err.name and target.startswith(err.name):
-            raise ConfigError(f"plugin {spec!r}: no module named {err.name!r} on the Python path (a file needs its "
-                              "path: ./my_method.py)") from err
-        raise ConfigError(f"plugin module {target} failed to import: {type(err).__name__}: {err}") from err
-    except Exception as err:  # noqa: BLE001 - as for files
-        raise ConfigError(f"plugin module {target} failed to import: {type(err).__name__}: {err} (run with --debug "
-                          "for the traceback)") from err
+        return _run_import(lambda: importlib.import_module(target), f"plugin module {target}")
+    except ConfigError as err:
+        cause = err.__cause__
+        if isinstance(cause, ModuleNotFoundError) and cause.name and target.startswith(cause.name):
+            if Path(target).is_dir():
+                raise ConfigError(f"plugin {spec!r}: {target} is a folder, not a module on the Python path; "
+                                  f"{_FOLDER_HINT}") from cause
+            raise ConfigError(f"plugin {spec!r}: no module named {cause.name!r} on the Python path (a file needs its "
+                              "path: ./my_method.py)") from cause
+        raise
+
+
+_FOLDER_HINT = ("pass the .py file that defines the method (FOLDER/my_method.py), or a package as a module name "
+                "(package.module) with the folder above it on PYTHONPATH")
+
+
+def _run_import(load: Callable[[], Any], what: str) -> Any:
+    """``load()`` (importing a plugin: the user's code runs), with every way it can stop — an exception or
+    SystemExit (``sys.exit()``, argparse) — turned into one ConfigError that names ``what``. What the code prints
+    is held back and shown again when it imports, so that a script's usage line does not pose as promptclip's.
+    KeyboardInterrupt goes through."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            value = load()
+    except SystemExit as exit_:
+        lines = [line.strip() for line in (out.getvalue() + err.getvalue()).splitlines() if line.strip()]
+        said = f"; its last output: {lines[-1]!r}" if lines else ""
+        raise ConfigError(f"{what} ended the process while promptclip imported it (SystemExit: {exit_.code!r}"
+                          f"{said}). A plugin is imported, not run: put the code that runs it as a script (argument "
+                          'parsing, training, sys.exit) under `if __name__ == "__main__":`') from exit_
+    except Exception as error:  # noqa: BLE001 - the user's code: one message that names it, traceback on --debug
+        raise ConfigError(f"{what} failed to import: {type(error).__name__}: {error} (run with --debug for the "
+                          "traceback)") from error
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
+    return value
 
 
 def _is_method_class(value: Any) -> bool:

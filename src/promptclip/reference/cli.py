@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..argtypes import output_location
+from ..config import parse_int
 from ..errors import ConfigError
 
 
@@ -133,7 +134,7 @@ def _class_set(args, parse_classnames) -> tuple[list[str], str | None]:
 
 def _epoch_number(text: str) -> int:
     try:
-        epoch = int(text)
+        epoch = parse_int(text)
     except ValueError:
         raise ConfigError(f"--epoch {text!r}: use an epoch number (model.pth.tar-N) or best") from None
     if epoch < 1:

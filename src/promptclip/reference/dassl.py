@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, PromptClipError
+from ..finite import check_finite
 from .unpickle import Inert, TorchFileError, load_torch_file
 
 
@@ -547,6 +548,8 @@ def load_into_method(checkpoint: DasslCheckpoint, method, backbone_name: str = "
             f"{checkpoint.path} does not fit {method.name} on {backbone_name}: {'; '.join(shapes)}. The last "
             f"dimension is a tower width ({backbone_name}: text {clip.text.width}, vision {clip.visual.width}); the "
             f"checkpoint's tensors say {_yaml_items(inferred)}.")
+    check_finite({key: value for key, value in tensors.items() if key in name_map}, str(checkpoint.path),
+                 DasslCheckpointError, "the released file is damaged (download it again) or its training diverged")
 
     report = ImportReport(
         file=str(checkpoint.path), sha256=checkpoint.sha256, epoch=checkpoint.epoch,

@@ -72,7 +72,7 @@ def _resolve_hub(name: str, cache_dir: str | os.PathLike | None) -> tuple[Path, 
     if name.startswith(openclip.OPEN_CLIP_PREFIX):
         entry = openclip.lookup(name)
     else:
-        repo_id = name[len(openclip.HF_HUB_PREFIX):].strip("/")
+        repo_id = openclip.hub_repo(name)
         entry = openclip.entry_for_repo(repo_id)
     if entry is not None:
         activation = "--quick-gelu" if entry.quick_gelu else "--gelu"
@@ -145,6 +145,9 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device = 
         if kind == "pretrained":
             entry = PRETRAINED[os.fspath(name_or_path)]
             declared = Declared(quick_gelu=entry.quick_gelu, by=f"the registry entry {entry.name}")
+        from ...finite import check_finite
+
+        check_finite(state_dict, f"backbone weights {where}", WeightsError, "the file is damaged; get it again")
         config, origin = choose_config(state_dict, declared, str(where), arch, quick_gelu)
         model = model_from_state_dict(state_dict, config=config, source=str(where), origin=origin)
         source = str(where)
