@@ -201,66 +201,11 @@ def _write_report(records_path: Path, out: Path, plots: bool, required: bool = F
 
 
 def cmd_list(args) -> int:
-    if args.what == "methods":
-        from .methods import get_method_class, list_methods, method_source
+    from .listing import LISTINGS
 
-        for name in list_methods():
-            cls = get_method_class(name)
-            source = method_source(name)
-            module_doc = sys.modules[cls.__module__].__doc__
-            # A built-in method's file describes it; a plugin's class does (its module may hold several).
-            doc = (module_doc if source.kind == "builtin" else cls.__doc__ or module_doc) or ""
-            doc = (doc.strip().splitlines() or [""])[0]
-            vit = "" if cls.supports_resnet else "  [ViT only]"
-            origin = "" if source.kind == "builtin" else f"  [{source.kind}: {source.distribution or source.spec}]"
-            _say(f"{name:10s} {doc}{vit}{origin}")
-    elif args.what == "datasets":
-        from .data import get_spec, list_datasets
-
-        for name in list_datasets():
-            spec = get_spec(name)
-            _say(f"{name:16s} {getattr(spec, 'num_classes', '') or '':>5} classes  template {spec.template!r}")
-    elif args.what == "backbones":
-        _list_backbones()
-    else:
-        from .presets import inherited_presets, list_presets, load_preset
-
-        inherited = inherited_presets()
-        for name in list_presets():
-            preset = load_preset(name)
-            train = preset.train
-            summary = (f"batch {train.batch_size}, lr {train.lr}, {train.max_epoch} epochs" if train
-                       else "no training")
-            if name in inherited:
-                summary += f"  [inherited from {inherited[name]}]"
-            _say(f"{name:60s} {summary}")
+    for line in LISTINGS[args.what]():
+        _say(line)
     return 0
-
-
-def _list_backbones() -> None:
-    from .clip.architectures import RANDOM_ONLY
-    from .clip.model import OPENAI_MEAN
-    from .clip.openclip import OPEN_CLIP_PRETRAINED, cached_file
-    from .clip.weights import PRETRAINED, cache_dir
-
-    _say("OpenAI (QuickGELU; downloaded from OpenAI, sha256-verified):")
-    for name, entry in PRETRAINED.items():
-        cached = (cache_dir() / entry.filename).exists()
-        _say(f"  {name:16s} {'cached' if cached else 'downloads on first use'}  {entry.url}")
-    _say("open_clip (downloaded from the Hugging Face Hub with huggingface_hub, pip install \"promptclip[hf]\"):")
-    for name, entry in OPEN_CLIP_PRETRAINED.items():
-        config = entry.config
-        details = ["QuickGELU" if entry.quick_gelu else "GELU"]
-        if config.vision_head_width != 64:
-            details.append(f"image heads {config.vision_heads} x {config.vision_head_width}")
-        if config.image_mean != OPENAI_MEAN:
-            details.append(f"mean/std {config.image_mean}/{config.image_std}")
-        status = "cached" if cached_file(entry.hf_hub) else "downloads on first use"
-        _say(f"  {name:46s} {', '.join(details)}; {status}  hf-hub:{entry.hf_hub}")
-    _say("test backbones (random weights, for tests and pipeline checks only): " + ", ".join(RANDOM_ONLY))
-    _say("or hf-hub:<repo> (any open_clip Hub repository in OpenAI layout), or a path: an OpenAI .pt, an open_clip "
-         "Hub folder, a Hugging Face CLIPModel folder, or a .pt/.bin/.safetensors state dict with --gelu/--quick-gelu "
-         "or --backbone-arch (docs/backbones.md)")
 
 
 def cmd_train(args) -> int:
@@ -618,15 +563,9 @@ def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
 
 
 def cmd_data(args) -> int:
-    from .data import prepare, verify
+    from .data.cli import data_command
 
-    if args.action == "prepare":
-        report = prepare(args.name, args.root, download=not args.no_download, progress=not args.quiet, quiet=True)
-        _say(str(report))
-        return 0 if report.status in ("ok", "manual") else 1
-    report = verify(args.name, args.root, quiet=True)
-    _say(str(report))
-    return 0 if report.ok else 1
+    return data_command(args, _say)
 
 
 def cmd_import(args) -> int:
@@ -772,12 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_captions_option(p)
     p.set_defaults(func=cmd_predict)
 
-    p = add("data", "prepare or verify a benchmark dataset")
-    p.add_argument("action", choices=["prepare", "verify"])
-    p.add_argument("name")
-    p.add_argument("--root", required=True)
-    p.add_argument("--no-download", action="store_true", help="prepare: only lay out files already present")
-    p.set_defaults(func=cmd_data)
+    from .data.cli import add_arguments as add_data_arguments
+
+    add_data_arguments(add("data", "prepare or verify a benchmark dataset")).set_defaults(func=cmd_data)
 
     p = add("demo", "base-to-novel with MaPLe and zero-shot CLIP on the bundled EuroSAT sample, with a report")
     _add_backbone_options(p, "ViT-B/16 (downloaded), a weights path, or tiny", default="ViT-B/16")
