@@ -16,10 +16,12 @@ from promptclip.data import imagenet_classnames, load_folder_dataset, load_split
 from promptclip.data.classnames import check_classnames
 from promptclip.data.templates import PROMPTSRC_TEMPLATES, check_template
 from promptclip.errors import ConfigError, DataError
-from promptclip.methods import create_method, list_methods
+from promptclip.methods import create_method, get_method_class, list_methods
 from promptclip.protocols import Backbone
 
 METHODS = list_methods()
+#: Methods whose class names go into text prompts (the linear probe has no text side).
+TEXT_METHODS = [name for name in METHODS if get_method_class(name).names_in_text]
 CONFIGS = {"mugcp": {"missing_caption": "fallback"}}
 
 
@@ -51,7 +53,7 @@ def test_every_method_refuses_names_the_text_encoder_cannot_tell_apart(name, cla
     assert method.classnames == ["cat", "dog"]  # the refused set changed nothing
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", TEXT_METHODS)
 def test_every_method_names_the_class_whose_prompt_exceeds_the_context(name, tiny):
     long = words(100)
     with pytest.raises(ContextLengthError) as info:
@@ -63,6 +65,12 @@ def test_every_method_names_the_class_whose_prompt_exceeds_the_context(name, tin
     with pytest.raises(ContextLengthError, match="is 100 tokens long"):
         method.set_classnames(["dog", long])
     assert method.classnames == ["cat", "dog"]  # the method keeps its class set
+
+
+def test_a_method_without_text_prompts_takes_any_name_length(tiny):
+    assert set(METHODS) - set(TEXT_METHODS) == {"linear_probe"}
+    method = create_method("linear_probe", tiny, ["dog", words(100), "cat"])
+    assert method.num_classes == 3
 
 
 def test_the_budget_message_counts_the_prompt_around_the_name(tiny):

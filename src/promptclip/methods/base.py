@@ -89,6 +89,9 @@ class PromptMethod(nn.Module):
     #: Whether its learned text passes follow the text-memory policy (chunks, checkpoints: promptclip.memory), as
     #: :func:`promptclip.methods.prompts.encode_text_embeddings` does; the contract checks it unless False.
     follows_text_memory: ClassVar[bool] = True
+    #: Class names go into text prompts (False for a method without a text side, e.g. the linear probe: no name can
+    #: be too long for it).
+    names_in_text: ClassVar[bool] = True
     #: Image features are ``clip.encode_image(image)``, untouched by learned tensors: eval may pass them precomputed
     #: (``batch["image_features"]``) from the feature cache, so each test image is encoded once per backbone.
     frozen_image_features: ClassVar[bool] = False

@@ -119,6 +119,7 @@ class LinearProbe(PromptMethod):
     config_class = LinearProbeConfig
     frozen_image_features = True
     follows_text_memory = False  # no text tower at all
+    names_in_text = False
     protocols: ClassVar[tuple[str, ...] | None] = ("fewshot",)
     not_applicable_reason: ClassVar[str] = "the probe has one output per training class and no text side"
     fits_on_features = True
