@@ -20,7 +20,9 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 def method_golden_names() -> list[str]:
-    """Every one-step golden: ``<method>.json`` with a ``provenance`` and a ``trainable_params`` list.
+    """Every one-step golden of a Dassl reference trainer: ``<method>.json`` with a ``provenance`` naming its
+    ``trainer_class`` and a ``trainable_params`` list. Goldens of references with their own loop and format (no
+    trainer class, e.g. CLIP-LoRA) have their own tests.
 
     ``<method>.<kind>.json`` files (layers, trajectory, dassl) are companions of it, not one-step goldens."""
     names = []
@@ -28,9 +30,14 @@ def method_golden_names() -> list[str]:
         if "." in path.stem:
             continue
         meta = json.loads(path.read_text())
-        if isinstance(meta, dict) and "provenance" in meta and "trainable_params" in meta:
+        if isinstance(meta, dict) and "trainable_params" in meta and _dassl_trainer(meta):
             names.append(path.stem)
     return names
+
+
+def _dassl_trainer(meta: dict) -> bool:
+    """Whether a golden's JSON comes from a Dassl reference trainer (the generic one-step and trajectory formats)."""
+    return isinstance(meta.get("provenance"), dict) and "trainer_class" in meta["provenance"]
 
 
 @dataclass
@@ -202,8 +209,9 @@ def assert_close_grad(ours: torch.Tensor | None, golden: torch.Tensor, what: str
 
 
 def trajectory_golden_names() -> list[str]:
-    """Every ``<method>.trajectory.json`` present, as ``<method>``."""
-    return sorted(p.name[: -len(".trajectory.json")] for p in GOLDEN_DIR.glob("*.trajectory.json"))
+    """Every ``<method>.trajectory.json`` of a Dassl reference trainer present, as ``<method>``."""
+    return sorted(p.name[: -len(".trajectory.json")] for p in GOLDEN_DIR.glob("*.trajectory.json")
+                  if _dassl_trainer(json.loads(p.read_text())))
 
 
 @dataclass
