@@ -3,7 +3,7 @@
 import importlib
 
 BUILTIN_METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "vpt", "ivlp", "maple", "promptsrc", "dcp",
-                         "mugcp", "tcp", "prograd", "clip_adapter")
+                         "mugcp", "tcp", "prograd", "clip_adapter", "clip_lora")
 
 for _module in BUILTIN_METHOD_MODULES:
     importlib.import_module(f"{__package__}.{_module}")
