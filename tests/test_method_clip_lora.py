@@ -303,3 +303,21 @@ def test_lr_schedule_hook_sets_every_step_and_defaults_to_the_per_epoch_table():
         seen = []
         fit(method, data, config, progress=False, on_step=lambda r, seen=seen: seen.append(r["lr"]))
         assert seen == pytest.approx(expected, rel=1e-12), cls.__name__
+
+
+def test_lora_dropout_masks_are_reproducible_per_step_and_differ_between_steps():
+    golden = load_golden("clip_lora")
+    method, _ = build(golden, dropout_rate=0.25)
+    images = golden.tensors["input.test_images"][:4]
+    batch = {"image": images, "label": torch.tensor([0, 1, 2, 3])}
+    method.train()
+    with torch.no_grad():
+        first, second = method(batch), method(batch)  # the same train_rng state: the same masks
+        step1, _ = method.training_step(batch)  # advances train_rng after its forward
+        step2, _ = method.training_step(batch)
+        method.config.dropout_rate = 0.0
+        for module in method.lora.values():
+            module.dropout = 0.0
+        plain = method(batch)
+    assert torch.equal(first, second) and torch.equal(first, step1)
+    assert not torch.equal(step1, step2) and not torch.equal(step1, plain)

@@ -22,6 +22,7 @@ Block selection: the reference's index lists (for 12-block towers, and 24-block 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..clip.model import eot_positions
 from ..clip.tokenizer import tokenize
 from ..errors import ConfigError
 from .base import PromptMethod, reference_options, register
 from .lora import PROJECTIONS, lora_view
-from .prompts import encode_text_embeddings, encode_texts
+from .prompts import encode_texts
 
 _TWELVE = {"bottom": [0, 1, 2, 3], "mid": [4, 5, 6, 7], "up": [8, 9, 10, 11], "half-up": [6, 7, 8, 9, 10, 11],
            "half-bottom": [0, 1, 2, 3, 4, 5], "all": list(range(12)), "top3": [9, 10, 11]}
@@ -114,9 +114,8 @@ class ClipLoRA(PromptMethod):
     name = "clip_lora"
     config_class = ClipLoRAConfig
     image_independent_text = True
-    # The text pass goes through encode_text_embeddings (chunks, checkpoints) on the LoRA view, but the training
-    # forward is stochastic (LoRA dropout 0.25 by default), so the contract's comparison of two training passes under
-    # different memory policies cannot hold: it is not claimed.
+    # The LoRA text tower runs in one pass over the class prompts, as in the reference: chunking it would change
+    # which dropout mask falls on which sequence (masks are drawn per pass), so the text-memory policy is not followed.
     follows_text_memory = False
 
     def __init__(self, backbone, config: ClipLoRAConfig, classnames, template=None):
@@ -152,8 +151,7 @@ class ClipLoRA(PromptMethod):
     def encode_classes(self) -> torch.Tensor:
         if "text" not in self.config.towers:
             return self.zs_text_features
-        embeds = self.view.token_embedding(self.tokens)
-        return encode_text_embeddings(self.view, embeds, eot_positions(self.tokens))
+        return self.view.encode_text(self.tokens)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         if "vision" in self.config.towers:
@@ -161,7 +159,25 @@ class ClipLoRA(PromptMethod):
         with torch.no_grad():
             return self.clip.encode_image(images)
 
+    def _seed_dropout(self) -> None:
+        """LoRA dropout masks of a training forward come from a generator seeded from ``train_rng``'s state (read,
+        not advanced: :meth:`training_step` advances it), so a step's masks are reproducible (resumed runs, the
+        text-memory policies, checkpoint recomputation) and differ from step to step."""
+        if not self.training or self.config.dropout_rate == 0:
+            return
+        peek = random.Random()
+        peek.setstate(self.train_rng.getstate())
+        generator = torch.Generator(device=self.device).manual_seed(peek.getrandbits(63))
+        for module in self.lora.values():
+            module.mask_generator = generator
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        self.train_rng.getrandbits(63)  # the next step draws other masks
+        return out
+
     def forward(self, batch) -> torch.Tensor:
+        self._seed_dropout()
         image = F.normalize(self.image_features(batch["image"]), dim=-1)
         text = F.normalize(self.class_features(), dim=-1)
         scale = self.config.logit_scale if self.training else self.config.eval_logit_scale

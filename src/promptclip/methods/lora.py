@@ -36,7 +36,8 @@ class LoRAAttention(nn.Module):
     ``projections``: ``<p>_A`` ``[rank, width]`` and ``<p>_B`` ``[width, rank]`` per projection ``p``.
 
     ``A`` starts kaiming-uniform (``nn.Linear``'s rule, bound ``1/sqrt(width)``) from ``generator``, ``B`` at zero,
-    so the module starts as the frozen one. ``dropout`` acts on the input of the low-rank branch only, in training.
+    so the module starts as the frozen one. ``dropout`` acts on the input of the low-rank branch only, in training (a
+fresh mask per projection, from ``mask_generator``).
     ``merge``: in eval mode, run with merged weights (the same function up to float round-off).
     """
 
@@ -54,7 +55,10 @@ class LoRAAttention(nn.Module):
         self.projections = tuple(p for p in PROJECTIONS if p in projections)
         self.scaling = float(scaling)
         self.merge = merge
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = float(dropout)
+        #: Where dropout masks are drawn from (None: torch's global generator); an owner that wants reproducible
+        #: masks sets one generator on all its modules before a training forward.
+        self.mask_generator: torch.Generator | None = None
         width = base.out_proj.weight.shape[1]
         device, dtype = base.out_proj.weight.device, base.out_proj.weight.dtype
         bound = 1 / math.sqrt(width)
@@ -69,7 +73,10 @@ class LoRAAttention(nn.Module):
 
     def _branch(self, x: torch.Tensor, p: str) -> torch.Tensor:
         a, b = getattr(self, f"{p}_A"), getattr(self, f"{p}_B")
-        return self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+        if self.training and self.dropout > 0:
+            keep = torch.empty_like(x).bernoulli_(1 - self.dropout, generator=self.mask_generator)
+            x = x * keep / (1 - self.dropout)
+        return self.scaling * F.linear(F.linear(x, a), b)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         base = self.base
