@@ -2,7 +2,8 @@
 promptclip plugin in one file: a small two-layer MLP on the frozen image features, mixed back into them with a
 residual ratio; the class features are the frozen CLIP text features of the dataset's template.
 
-A tutorial builds it step by step: docs/new-method.md. Use it with ``--plugin examples/clip_adapter.py``.
+A tutorial builds it step by step: docs/new-method.md. Use it with ``--plugin examples/clip_adapter.py``; it
+registers as ``my_clip_adapter`` (the parity-checked built-in is ``clip_adapter``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ClipAdapterConfig:
 class ClipAdapter(PromptMethod):
     """CLIP-Adapter: a residual MLP adapter on the image features (examples/clip_adapter.py)."""
 
-    name = "clip_adapter"
+    name = "my_clip_adapter"
     config_class = ClipAdapterConfig
     # The class features do not depend on the image: evaluation computes them once per class set.
     image_independent_text = True

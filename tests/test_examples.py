@@ -63,11 +63,11 @@ def test_the_tutorial_runs(tmp_path, monkeypatch, isolated_registry, capsys):
     # train: adapter (naming its plugin), metrics, tensorboard events
     run = work / "runs" / "clip_adapter"
     meta = json.loads((run / "adapter.json").read_text())
-    assert meta["method"] == "clip_adapter"
+    assert meta["method"] == "my_clip_adapter"
     assert meta["method_source"] == {"kind": "plugin", "spec": f"{work / 'examples' / 'clip_adapter.py'}:ClipAdapter"}
     assert (run / "metrics.jsonl").exists() and list((run / "tensorboard").glob("events.out.tfevents.*"))
     # eval on the novel classes, predict on a folder (csv)
-    assert '"method": "clip_adapter"' in out and '"subsample": "new"' in out
+    assert '"method": "my_clip_adapter"' in out and '"subsample": "new"' in out
     lines = out.splitlines()
     printed = itertools.takewhile(lambda line: line.count(",") == 3, lines[lines.index("path,rank,label,probability"):])
     rows = list(csv.DictReader(printed))
@@ -78,11 +78,11 @@ def test_the_tutorial_runs(tmp_path, monkeypatch, isolated_registry, capsys):
     report = work / "runs" / "tutorial" / "report"
     records = [json.loads(line) for line in (work / "runs" / "tutorial" / "records.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["split"]) for r in records) == [
-        ("clip_adapter", "base"), ("clip_adapter", "novel"), ("maple", "base"), ("maple", "novel")]
+        ("maple", "base"), ("maple", "novel"), ("my_clip_adapter", "base"), ("my_clip_adapter", "novel")]
     table = list(csv.DictReader((report / "base2novel.csv").open()))
-    assert {r["method"] for r in table if r["dataset"] == "eurosat-sample"} == {"clip_adapter", "maple"}
+    assert {r["method"] for r in table if r["dataset"] == "eurosat-sample"} == {"my_clip_adapter", "maple"}
     markdown = (report / "report.md").read_text()
-    assert "| eurosat-sample | clip_adapter |" in markdown and "| eurosat-sample | maple |" in markdown
-    for method in ("clip_adapter", "maple"):
+    assert "| eurosat-sample | my_clip_adapter |" in markdown and "| eurosat-sample | maple |" in markdown
+    for method in ("my_clip_adapter", "maple"):
         png = report / f"curves_base2novel_eurosat-sample_{method}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -242,6 +242,17 @@ def _group_lrs(optimizer: torch.optim.Optimizer, epoch: int, config: TrainConfig
     return [group["lr"] for group in optimizer.param_groups]
 
 
+def _step_lrs(method, optimizer, step: int, total_steps: int, epoch: int, config: TrainConfig) -> list[float] | None:
+    """Set every group's rate for this step from the method's :meth:`lr_schedule`, if it has one (else None)."""
+    rates = [method.lr_schedule(g.get("base_lr", config.lr), step, total_steps, epoch, config)
+             for g in optimizer.param_groups]
+    if any(rate is None for rate in rates):
+        return None
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    return rates
+
+
 def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
         device: str | torch.device = "cpu", progress: bool = True, resume: bool = True,
         backbone_name: str = "unknown", backbone_fingerprint: str = "unknown",
@@ -316,6 +327,7 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
         start_epoch = meta["epoch"] + 1
 
     loader = make_train_loader(train_data, config, batch_order)
+    total_steps = sum(map(len, batch_order)) if batch_order is not None else config.max_epoch * len(loader)
     steps_before = sum(r["steps"] for r in result.history)
     log = None
     if out is not None and main:
@@ -332,7 +344,7 @@ def fit(method, train_data: Dataset, config: TrainConfig, out_dir: str | Path | 
         for epoch in range(start_epoch, config.max_epoch):
             loader.set_epoch(epoch)
             record = _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress and main, ctx,
-                                step_done, steps_before)
+                                step_done, steps_before, total_steps)
             steps_before += record["steps"]
             method.on_epoch_end(epoch, config.max_epoch)
             result.history.append(record)
@@ -361,7 +373,7 @@ def _grad_scaler(precision: str, device: torch.device):
 
 
 def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progress, ctx=None, on_step=None,
-               steps_before: int = 0) -> dict[str, Any]:
+               steps_before: int = 0, total_steps: int = 0) -> dict[str, Any]:
     lrs = _group_lrs(optimizer, epoch, config)
     lr = lrs[0]
     from .data.loader import sample_seed
@@ -382,6 +394,7 @@ def _run_epoch(method, loader, config, optimizer, scaler, epoch, device, progres
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batch = move_batch(batch, device)
+        lrs = _step_lrs(method, optimizer, steps_before + step, total_steps, epoch, config) or lrs
         with autocast(config.precision, device):
             logits, losses = method.training_step(batch)
         loss = losses["loss"].float()

@@ -299,6 +299,13 @@ class PromptMethod(nn.Module):
         :meth:`train_randint` return them in order, then draw from :attr:`train_rng` again. None: stop replaying."""
         self._train_draws = iter([int(v) for v in values]) if values is not None else None
 
+    def lr_schedule(self, base_lr: float, step: int, total_steps: int, epoch: int, config: Any) -> float | None:
+        """The learning rate of a group with base rate ``base_lr`` for optimizer step ``step`` (0-based over the run,
+        of ``total_steps``; ``epoch`` 0-based), set before every step: a per-iteration schedule of the method's own
+        (e.g. cosine per iteration). None (default): the run's per-epoch schedule (Dassl's warm-up, then cosine over
+        epochs, set at the start of each epoch)."""
+        return None
+
     def trainable_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Non-parameter tensors that training updates and the adapter must carry (e.g. BatchNorm running
         statistics of a trained module). Saved in adapters and training states with the parameters."""
