@@ -73,8 +73,9 @@ PREFIX_RULES = {
 }
 
 
-def _trainer_class(path: Path) -> str:
-    return json.loads(path.with_suffix(".json").read_text())["provenance"]["trainer_class"]
+def _trainer_class(path: Path) -> str | None:
+    """The Dassl trainer a golden comes from (None for references with their own format, e.g. Tip-Adapter)."""
+    return json.loads(path.with_suffix(".json").read_text())["provenance"].get("trainer_class")
 
 
 GOLDENS_WITH_PROMPT_RULE = [p for p in GOLDENS if _trainer_class(p) in PREFIX_RULES]

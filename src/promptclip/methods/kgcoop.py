@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..data.templates import CUSTOM_TEMPLATES, check_template
 from .base import cosine_logits, reference_options, register
 from .coop import CoOp, CoOpConfig
-from .prompts import encode_texts
+from .prompts import frozen_class_features
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -82,9 +82,7 @@ class KgCoOp(CoOp):
     def kg_text_features(self) -> torch.Tensor:
         """L2-normalised frozen CLIP features ``[C, D]`` of ``kg_template`` for the current classes (fp32)."""
         if self._kg_text_features is None:
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                frozen = encode_texts(self.clip, [self.kg_template.format(name) for name in self.classnames])
-            self._kg_text_features = frozen / frozen.norm(dim=-1, keepdim=True)
+            self._kg_text_features = frozen_class_features(self.clip, self.kg_template, self.classnames)
         return self._kg_text_features
 
     def forward(self, batch) -> torch.Tensor:

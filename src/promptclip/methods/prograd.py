@@ -43,7 +43,7 @@ from ..data.templates import CUSTOM_TEMPLATES, check_template
 from ..errors import ConfigError
 from .base import PromptMethod, cosine_logits, reference_options, register
 from .coop import CoOp, context_vectors
-from .prompts import check_prompts_fit, encode_texts, init_words_embedding, placeholder_prefix
+from .prompts import check_prompts_fit, frozen_class_features, init_words_embedding, placeholder_prefix
 
 #: ProGrad's per-dataset zero-shot templates (the reference's ``CUSTOM_TEMPLATES``; its init words come from them).
 PROGRAD_TEMPLATES = {
@@ -163,9 +163,7 @@ class ProGrad(CoOp):
     def zs_text_features(self) -> torch.Tensor:
         """L2-normalised zero-shot CLIP features ``[C, D]`` of ``zs_template`` for the current classes (fp32)."""
         if self._zs_text_features is None:
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                frozen = encode_texts(self.clip, [self.zs_template.format(name) for name in self.classnames])
-            self._zs_text_features = frozen / frozen.norm(dim=-1, keepdim=True)
+            self._zs_text_features = frozen_class_features(self.clip, self.zs_template, self.classnames)
         return self._zs_text_features
 
     def forward(self, batch) -> torch.Tensor:

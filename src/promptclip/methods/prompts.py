@@ -128,6 +128,14 @@ def encode_texts(clip: CLIP, texts: list[str]) -> torch.Tensor:
     return clip.encode_text(tokens)
 
 
+def frozen_class_features(clip: CLIP, template: str, classnames: list[str]) -> torch.Tensor:
+    """L2-normalised frozen CLIP features ``[C, D]`` of ``template`` filled with each class name, in fp32 and without
+    gradients (the hand-crafted targets and teachers of KgCoOp, ProGrad, TCP)."""
+    with torch.no_grad(), torch.autocast(clip.token_embedding.weight.device.type, enabled=False):
+        frozen = encode_texts(clip, [template.format(name) for name in classnames])
+    return frozen / frozen.norm(dim=-1, keepdim=True)
+
+
 def check_prompts_fit(clip: CLIP, templates: list[str], classnames: list[str]) -> None:
     """Raise :class:`ContextLengthError` if a class name does not fit the longest of ``templates`` (tokenizing only
     that one: the cheap upfront check of prompts that are built later, e.g. teachers' template ensembles)."""

@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from ..memory import plan_text_pass, run_in_chunks
 from .base import PromptMethod, cosine_logits, reference_options, register
 from .cocoop import _uniform_linear
-from .prompts import build_class_prompts, check_prompts_fit, encode_texts, init_words_embedding, normal_init
+from .prompts import build_class_prompts, check_prompts_fit, frozen_class_features, init_words_embedding, normal_init
 
 #: Class-aware tokens per class: the reference's meta-net output is four text-width vectors, whatever ``N_CTX`` is.
 CLASS_AWARE_TOKENS = 4
@@ -206,9 +206,7 @@ class TCP(PromptMethod):
     def frozen_text_features(self) -> torch.Tensor:
         """L2-normalised frozen CLIP features ``[C, D]`` of the frozen sentence for the current classes (fp32)."""
         if self._frozen_features is None:
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                frozen = encode_texts(self.clip, [self.frozen_template.format(name) for name in self.classnames])
-            self._frozen_features = frozen / frozen.norm(dim=-1, keepdim=True)
+            self._frozen_features = frozen_class_features(self.clip, self.frozen_template, self.classnames)
         return self._frozen_features
 
     def class_aware_tokens(self) -> torch.Tensor:
