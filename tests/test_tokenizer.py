@@ -43,8 +43,16 @@ def _golden(path: Path) -> tuple[torch.Tensor, dict]:
     return load_file(str(path))[TOKENS_KEY], meta
 
 
+#: Reference trainers that put class names into prompts as given, without ``name.replace("_", " ")`` (the golden
+#: README: RPO's prompts keep "industrial_buildings").
+KEEP_UNDERSCORES = {"RPO"}
+
+
 def _classnames(meta: dict) -> list[str]:
-    return [name.replace("_", " ") for name in meta["inputs"]["classnames"]]
+    names = meta["inputs"]["classnames"]
+    if meta["provenance"].get("trainer_class") in KEEP_UNDERSCORES:
+        return list(names)
+    return [name.replace("_", " ") for name in names]
 
 
 def _coop_prefix(trainer: dict) -> str:
