@@ -1,7 +1,9 @@
 """Training-step time and peak memory per method on ViT-B/16 random weights.
 
-One subprocess per (method, classes, precision), so each peak RSS is its own. A step is forward + loss + backward +
-SGD update of the method's tensors, at batch 4 (the official batch of most methods), images 224x224.
+One subprocess per (method, classes, precision), so each peak RSS is its own. A step is the method's own training
+step, gradient and optimizer update (``training_step``, ``backward``, its parameter groups and optimizer: as ``fit``
+runs them), at batch 4 (the official batch of most methods), images 224x224. Methods fitted on frozen features
+(Tip-Adapter, the linear probe) have no training step and are left out.
 
     python bench/train_step.py                                   # every method, 10 and 100 classes, fp32 and bf16
     python bench/train_step.py --methods coop maple --classes 10 --precisions fp32
@@ -17,14 +19,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from promptclip.clip.architectures import ARCHITECTURES
 from promptclip.clip.model import CLIP
-from promptclip.methods import create_method, list_methods
+from promptclip.methods import create_method, get_method_class, list_methods
 from promptclip.precision import autocast, cpu_description
+from promptclip.train import TrainConfig, make_optimizer
 
 CLASSNAMES = ["annual crop land", "forest", "herbaceous vegetation land", "highway or road", "industrial buildings",
               "pasture land", "permanent crop land", "residential buildings", "river", "sea or lake"]
@@ -36,18 +41,29 @@ def classnames(n: int) -> list[str]:
 
 def measure(method_name: str, num_classes: int, precision: str, batch: int, steps: int) -> dict:
     backbone = CLIP(ARCHITECTURES["ViT-B/16"]).eval()  # default init: weights do not matter for speed
-    method = create_method(method_name, backbone, classnames(num_classes), template="a photo of a {}.")
+    cls = get_method_class(method_name)
+    names = classnames(num_classes)
+    config = None
+    if cls.description_field is not None:  # one description per class (CoPrompt): the cost of the bank, not its text
+        folder = Path(tempfile.mkdtemp())
+        path = folder / "descriptions.json"
+        path.write_text(json.dumps({name: [f"a photo of a {name}, seen from above."] for name in names}))
+        config = {cls.description_field: str(path)}
+    method = create_method(method_name, backbone, names, config, template="a photo of a {}.")
     method.train()
     g = torch.Generator().manual_seed(0)
     data = {"image": torch.randn(batch, 3, 224, 224, generator=g), "label": torch.arange(batch) % num_classes,
             "caption": ["a satellite image of fields and a river"] * batch}
-    optimizer = torch.optim.SGD([p for _, p in method.named_trainable()], lr=1e-3, momentum=0.9)
+    for view in range(2, cls.train_views + 1):
+        data[f"image_view{view}"] = torch.randn(batch, 3, 224, 224, generator=g)
+    # The method's own step, gradient and optimizer (Adam, parameter groups, projections), as fit runs them.
+    optimizer = make_optimizer(method, TrainConfig())
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, "cpu"):
-            loss = method.loss(data, method(data))["loss"]
-        loss.float().backward()
+            _, losses = method.training_step(data)
+        method.backward(losses, lambda loss: loss.float())
         optimizer.step()
 
     step()  # warm-up
@@ -63,7 +79,8 @@ def measure(method_name: str, num_classes: int, precision: str, batch: int, step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=[m for m in list_methods() if m != "zeroshot"])
+    parser.add_argument("--methods", nargs="+", default=[
+        m for m in list_methods() if m != "zeroshot" and not get_method_class(m).fits_on_features])
     parser.add_argument("--classes", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=4)
