@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ ADAPTER_FORMAT = 1
 
 class AdapterError(PromptClipError):
     """An adapter file is missing, corrupt, or made for another method or backbone."""
+
+
+#: The file stem of a run's adapter (``<run>/adapter.safetensors`` + ``.json``).
+ADAPTER_STEM = "adapter"
+
+
+@dataclass
+class FitResult:
+    """What a training run leaves: its per-epoch history, the adapter it wrote, the epoch it resumed after."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    adapter_path: Path | None = None
+    resumed_from_epoch: int | None = None
 
 
 def check_output_location(path: str | os.PathLike, directory: bool = True) -> Path:
@@ -261,21 +275,15 @@ def load_teacher(path: str | Path, backbone=None, backbone_fingerprint: str | No
         name = meta["backbone"].get("name")
         if not name:
             raise AdapterError(f"teacher adapter {tensors_path} does not name its backbone")
-        loaded = _teacher_backbone(str(name))
-        backbone, backbone_fingerprint = loaded.model, loaded.fingerprint
+        backbone, backbone_fingerprint = _teacher_backbone(str(name))
     teacher = load_adapter(tensors_path, backbone, backbone_fingerprint=backbone_fingerprint)
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
-_TEACHER_BACKBONES: dict[str, Any] = {}
-
-
 def _teacher_backbone(name: str):
-    """A teacher's backbone by name, loaded once per process (a grid's cells share it; it is frozen)."""
-    if name not in _TEACHER_BACKBONES:
-        from .api import load_backbone
+    """A teacher's frozen backbone by the name its adapter records, and its fingerprint."""
+    from .clip.weights import backbone_fingerprint, load_backbone
 
-        _TEACHER_BACKBONES.clear()  # one at a time: a large teacher tower is big
-        _TEACHER_BACKBONES[name] = load_backbone(name, progress=False)
-    return _TEACHER_BACKBONES[name]
+    model, _ = load_backbone(name, progress=False)
+    return model, backbone_fingerprint(model)

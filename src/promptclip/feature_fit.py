@@ -210,8 +210,8 @@ def fit_on_features(method, train_data: Dataset, config, out_dir: str | Path | N
                     feature_cache: feature_cache_api.FeatureCache | None = None,
                     log: Callable[[str], None] | None = None):
     """Fit a ``fits_on_features`` method (module docstring); returns a :class:`promptclip.train.FitResult`."""
+    from .checkpoint import ADAPTER_STEM, FitResult
     from .precision import resolve_precision
-    from .train import ADAPTER_STEM, FitResult
 
     device = torch.device(device)
     method.to(device)

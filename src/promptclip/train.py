@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import atomic_save_tensors, atomic_write_text, save_adapter
+from .checkpoint import ADAPTER_STEM, FitResult, atomic_save_tensors, atomic_write_text, save_adapter
 from .config import to_dict
 from .errors import ConfigError, PromptClipError
 from .evaluate import move_batch
@@ -40,7 +40,6 @@ from .tracking import RunLog, peak_memory_mb
 
 TRAIN_STATE_JSON = "train_state.json"
 TRAIN_STATE_TENSORS = "train_state-epoch{epoch}.safetensors"
-ADAPTER_STEM = "adapter"
 
 
 @dataclass
@@ -124,13 +123,6 @@ def dassl_lr(epoch: int, config: TrainConfig, base_lr: float | None = None) -> f
     step = epoch - config.warmup_epoch
     base = config.lr if base_lr is None else base_lr
     return 0.5 * base * (1 + math.cos(math.pi * step / config.max_epoch))
-
-
-@dataclass
-class FitResult:
-    history: list[dict[str, Any]] = field(default_factory=list)
-    adapter_path: Path | None = None
-    resumed_from_epoch: int | None = None
 
 
 #: Dassl ``OPTIM`` values that promptclip's engine reproduces (anything else is refused, never approximated).

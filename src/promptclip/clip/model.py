@@ -122,20 +122,27 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attn_mask``: an additive float mask broadcastable to ``[batch, heads, tokens, tokens]`` (``-inf``:
-        no attention), applied on top of the causal mask when ``causal``."""
-        batch, length, width = x.shape
+        """``attn_mask``: see :func:`attend`."""
         qkv = frozen_linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        else:
-            mask = attn_mask.to(qkv.dtype)
-            if causal:
-                mask = mask + torch.full((length, length), float("-inf"), dtype=qkv.dtype, device=x.device).triu(1)
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
-        out = out.transpose(1, 2).reshape(batch, length, width)
+        out = attend(qkv, self.heads, causal, attn_mask)
         return frozen_linear(out, self.out_proj.weight, self.out_proj.bias)
+
+
+def attend(qkv: torch.Tensor, heads: int, causal: bool = False, attn_mask: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of packed projections ``qkv`` ``[batch, tokens, 3 * width]``, back to
+    ``[batch, tokens, width]``. ``attn_mask``: an additive float mask broadcastable to ``[batch, heads, tokens,
+    tokens]`` (``-inf``: no attention), applied on top of the causal mask when ``causal``."""
+    batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    if attn_mask is None:
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+    else:
+        mask = attn_mask.to(qkv.dtype)
+        if causal:
+            mask = mask + torch.full((length, length), float("-inf"), dtype=qkv.dtype, device=qkv.device).triu(1)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, length, width)
 
 
 class ResidualAttentionBlock(nn.Module):

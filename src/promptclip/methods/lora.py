@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clip.kernels import frozen_linear
-from ..clip.model import CLIP, SelfAttention
+from ..clip.model import CLIP, SelfAttention, attend
 
 #: The projections of an attention module that can be adapted: q, k, v (slices of the packed in-projection) and o.
 PROJECTIONS = ("q", "k", "v", "o")
@@ -78,9 +78,9 @@ fresh mask per projection, from ``mask_generator``).
             x = x * keep / (1 - self.dropout)
         return self.scaling * F.linear(F.linear(x, a), b)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         base = self.base
-        batch, length, width = x.shape
+        width = x.shape[-1]
         merged = self.merge and not self.training
         if merged:
             in_weight = torch.cat([base.in_proj_weight[i * width:(i + 1) * width] + self.delta(p)
@@ -94,9 +94,7 @@ fresh mask per projection, from ``mask_generator``).
                 if p in self.projections:
                     parts[i] = parts[i] + self._branch(x, p)
             qkv = torch.cat(parts, dim=-1)
-        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        out = out.transpose(1, 2).reshape(batch, length, width)
+        out = attend(qkv, self.heads, causal, attn_mask)
         if "o" not in self.projections:
             return frozen_linear(out, base.out_proj.weight, base.out_proj.bias)
         if merged:
