@@ -468,6 +468,8 @@ PRESET_COUNTS = {
     "promptsrc/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml": 3 * 4 * (512 + 768),
     "promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_gpa30_30.yaml": 46_080,
     "promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_gpa45_5.yaml": 46_080,
+    # PromptKD's teacher recipe is for ViT-L/14 (9 x 4 x (768 + 1024) = 64,512 there); counted on the ViT-B/16 fixture.
+    "promptsrc/vit_l14_c2_ep20_batch8_4+4ctx.yaml": 46_080,
 }
 # SPEC 2.4: (lr, max_epoch, batch, depth(s), extra)
 PRESET_VALUES = {
@@ -481,7 +483,12 @@ PRESET_VALUES = {
                                                                                 "depth_vision": 3}),
     "promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_gpa30_30.yaml": (0.0025, 50, {"gpa_mean": 30, "gpa_std": 30}),
     "promptsrc/vit_b16_c2_ep50_batch4_4+4ctx_few_shot_gpa45_5.yaml": (0.0025, 50, {"gpa_mean": 45, "gpa_std": 5}),
+    "promptsrc/vit_l14_c2_ep20_batch8_4+4ctx.yaml": (0.005, 20, {"gpa_mean": 15, "gpa_std": 1, "depth_text": 9}),
 }
+
+
+#: Presets whose official batch is not 4 (PromptKD's ViT-L/14 teacher recipe: 8).
+BATCH_SIZES = {"promptsrc/vit_l14_c2_ep20_batch8_4+4ctx.yaml": 8}
 
 
 def test_every_preset_of_these_methods_is_listed():
@@ -501,7 +508,7 @@ def test_presets_build_with_the_official_parameter_counts(preset, vit_b16):
     config = from_dict(get_method_class(data["method"]).config_class, data["method_config"], where=preset)
     lr, max_epoch, values = PRESET_VALUES[preset]
     assert data["train"]["lr"] == lr and data["train"]["max_epoch"] == max_epoch
-    assert data["train"]["batch_size"] == 4 and data["train"]["warmup_epoch"] == 1
+    assert data["train"]["batch_size"] == BATCH_SIZES.get(preset, 4) and data["train"]["warmup_epoch"] == 1
     assert all(getattr(config, k) == v for k, v in values.items())
     method = create_method(data["method"], vit_b16, ["cat", "dog"], config)
     assert method.num_trainable() == PRESET_COUNTS[preset]
