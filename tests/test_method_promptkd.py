@@ -366,7 +366,7 @@ def _student_checkpoint(method, name_map, buffers: dict | None = None) -> dict:
     return state
 
 
-def test_student_checkpoint_imports_with_its_running_statistics(golden, imported_teacher, tmp_path):
+def test_student_checkpoint_imports_with_its_running_statistics(golden, imported_teacher, tmp_path, monkeypatch):
     from promptclip.reference.dassl import DasslCheckpointError, import_checkpoint
 
     teacher_path, _, _ = imported_teacher
@@ -380,16 +380,20 @@ def test_student_checkpoint_imports_with_its_running_statistics(golden, imported
     fingerprint = backbone_fingerprint(backbone)
     config = {**dataclasses.asdict(PromptKD.config_from_reference(golden.trainer_cfg)), "teacher": str(teacher_path)}
     # The teacher is loaded on the backbone its adapter names; here that is a test backbone given by hand.
-    teacher_backbone, teacher_fp = imported_teacher[1], imported_teacher[2]
+    teacher_model, teacher_fp = imported_teacher[1], imported_teacher[2]
     from promptclip import checkpoint
 
-    checkpoint._TEACHER_BACKBONES["golden-mini-large"] = Backbone(teacher_backbone, "golden-mini-large", teacher_fp)
-    try:
-        result = import_checkpoint(tmp_path / "run", "promptkd", Backbone(backbone, "golden-mini", fingerprint),
-                                   golden.classnames, tmp_path / "student", config=config)
-        loaded = checkpoint.load_adapter(result.adapter_path, backbone, fingerprint)
-    finally:
-        checkpoint._TEACHER_BACKBONES.clear()
+    names = []
+
+    def teacher_backbone(name):
+        names.append(name)
+        return teacher_model, teacher_fp
+
+    monkeypatch.setattr(checkpoint, "_teacher_backbone", teacher_backbone)
+    result = import_checkpoint(tmp_path / "run", "promptkd", Backbone(backbone, "golden-mini", fingerprint),
+                               golden.classnames, tmp_path / "student", config=config)
+    loaded = checkpoint.load_adapter(result.adapter_path, backbone, fingerprint)
+    assert names and set(names) == {"golden-mini-large"}  # the backbone the teacher adapter names
     state = loaded.adapter_state()
     for name, value in trained_stats.items():
         assert torch.equal(state[name], value.to(state[name].dtype)), name
